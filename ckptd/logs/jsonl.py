@@ -1,0 +1,150 @@
+"""JSON Lines logs (ms-swift's ``logging.jsonl`` or any one-object-per-line log) to log events.
+
+One line is one JSON object; its step comes from a configured dotted key or, by default,
+from ms-swift's ``"global_step/max_steps": "1050/2000"``, ``step`` or ``global_step``.
+Every top-level number is a metric. Lines that cannot be read raise :class:`MalformedLine`
+so the caller can count them (:class:`LineCounter`) and go on with the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+from ckptd.errors import ConfigError, MalformedLine
+from ckptd.records import LogEvent
+
+logger = logging.getLogger("ckptd.logs")
+
+_MS_SWIFT_STEP = "global_step/max_steps"
+_AUTO_STEP_KEYS = (_MS_SWIFT_STEP, "step", "global_step")
+# Keys of ms-swift's (and HF's trainer_state.json) end-of-run summary: it repeats the
+# whole history and carries a step, but it is not an eval to judge.
+_SUMMARY_KEYS = frozenset({"log_history", "best_model_checkpoint", "last_model_checkpoint"})
+_INTEGRAL_TEXT = re.compile(r"([0-9]+)(?:\.0*)?")
+_PREVIEW_BYTES = 200
+
+
+def _as_step(value: object) -> int | None:
+    """A non-negative integer step from an int, or a float/str holding an exact integer."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() and value >= 0 else None
+    if isinstance(value, str):
+        match = _INTEGRAL_TEXT.fullmatch(value.strip())
+        return int(match.group(1)) if match else None
+    return None
+
+
+def _as_metric(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range says nothing we could compare
+        return None
+
+
+class JsonlFormat:
+    """Parses one JSONL line into a :class:`LogEvent`, or ``None`` when it carries no step."""
+
+    name = "jsonl"
+
+    def __init__(self, step_key: str | None = None) -> None:
+        self._step_path: tuple[str, ...] | None = None
+        if step_key is not None:
+            parts = tuple(step_key.split("."))
+            if not all(parts):
+                raise ConfigError(f"step key {step_key!r} has an empty part")
+            self._step_path = parts
+
+    def parse(self, line: bytes) -> LogEvent | None:
+        obj = _decode_object(line)
+        if obj is None or not _SUMMARY_KEYS.isdisjoint(obj):
+            return None
+        found = self._find_step(obj)
+        if found is None:
+            return None
+        step_key, raw_step = found
+        step = _as_step(raw_step)
+        if step is None:
+            return None
+        metrics: dict[str, float] = {}
+        for key, value in obj.items():
+            number = _as_metric(value)
+            if number is not None and key != step_key:
+                metrics[key] = number
+        return LogEvent(step, metrics)
+
+    def _find_step(self, obj: dict[str, object]) -> tuple[str, object] | None:
+        """The top-level key the step came from and its raw value."""
+        if self._step_path is not None:
+            value: object = obj
+            for part in self._step_path:
+                if not isinstance(value, dict) or part not in value:
+                    return None
+                value = value[part]
+            return self._step_path[0], value
+        for key in _AUTO_STEP_KEYS:
+            if key in obj:
+                value = obj[key]
+                if key == _MS_SWIFT_STEP and isinstance(value, str):
+                    value = value.partition("/")[0]
+                return key, value
+        return None
+
+
+def _decode_object(line: bytes) -> dict[str, object] | None:
+    """The JSON object on ``line``; ``None`` for a blank line; :class:`MalformedLine` otherwise."""
+    try:
+        # utf-8-sig: a byte order mark at the start of the file is not part of the JSON.
+        text = line.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MalformedLine("utf8", f"invalid UTF-8 at byte {exc.start}: {exc.reason}") from exc
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert; RecursionError
+        # a line nested thousands of levels deep.
+        raise MalformedLine("json", f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedLine("not-object", f"expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "a string" if isinstance(value, str) else "an array"
+
+
+class LineCounter:
+    """Counts malformed lines per kind and logs the first of each kind once ("ckptd.logs")."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def record(self, error: MalformedLine, line_preview: bytes) -> None:
+        seen = self.counts.get(error.kind, 0)
+        self.counts[error.kind] = seen + 1
+        if seen == 0:
+            # One message per kind: a log full of bad lines must not flood the daemon's own log.
+            logger.warning(
+                "skipping malformed log line (%s): %s; line starts %r; later %r lines are "
+                "only counted",
+                error.kind,
+                error.problem,
+                line_preview[:_PREVIEW_BYTES],
+                error.kind,
+            )
