@@ -1,0 +1,122 @@
+"""Retention: which committed checkpoints to keep, as small pure policies.
+
+Borrowed from orbax-checkpoint's preservation policies: each policy names the
+checkpoints it wants kept, `AnyPreservation` keeps the union, and `plan_deletions`
+lists the rest. Nothing here touches the store; the store module carries out the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from ckptd.errors import ConfigError
+from ckptd.records import CheckpointRecord, Criterion
+
+
+class PreservationPolicy(Protocol):
+    """Anything that names, among some records, the ones to keep."""
+
+    def preserve(self, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+        """The names of the records this policy keeps."""
+        ...
+
+
+@dataclass(frozen=True)
+class LatestN:
+    """Keep the ``n`` checkpoints with the highest step (ties: later ``created``, then name)."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 0, f"LatestN.n must be >= 0, not {self.n!r}")
+
+    def preserve(self, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+        newest = sorted(records, key=lambda r: (r.step, r.created, r.name), reverse=True)
+        return frozenset(r.name for r in newest[: self.n])
+
+
+@dataclass(frozen=True)
+class BestN:
+    """Keep the ``n`` checkpoints best by ``criterion`` (ties: earlier step, then name).
+
+    A record without the metric, or with a NaN or infinite value, is never ranked, so
+    it is never kept by this policy. ``min_delta`` plays no part in ranking: it only
+    decides whether an eval is worth a snapshot.
+    """
+
+    criterion: Criterion
+    n: int
+
+    def __post_init__(self) -> None:
+        _require(self.n >= 0, f"BestN.n must be >= 0, not {self.n!r}")
+
+    def preserve(self, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+        metric = self.criterion.metric
+        ranked = [r for r in records if _is_finite(r.metrics.get(metric))]
+        sign = 1.0 if self.criterion.mode == "min" else -1.0
+        ranked.sort(key=lambda r: (sign * r.metrics[metric], r.step, r.name))
+        return frozenset(r.name for r in ranked[: self.n])
+
+
+@dataclass(frozen=True)
+class EveryNSteps:
+    """Keep the checkpoints whose step is a multiple of ``interval`` (step 0 included)."""
+
+    interval: int
+
+    def __post_init__(self) -> None:
+        _require(self.interval >= 1, f"EveryNSteps.interval must be >= 1, not {self.interval!r}")
+
+    def preserve(self, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+        return frozenset(r.name for r in records if r.step % self.interval == 0)
+
+
+@dataclass(frozen=True)
+class AnyPreservation:
+    """Keep what any of ``policies`` keeps; with no policies, keep nothing."""
+
+    policies: tuple[PreservationPolicy, ...]
+
+    def preserve(self, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+        return frozenset().union(*(p.preserve(records) for p in self.policies))
+
+
+def best_plus_last(
+    criteria: Sequence[Criterion], keep_best: int, keep_last: int, every_steps: int | None = None
+) -> AnyPreservation:
+    """The default policy: the best ``keep_best`` per criterion, the last ``keep_last``,
+    and, when ``every_steps`` is given, every checkpoint at a multiple of it."""
+    policies: list[PreservationPolicy] = [BestN(c, keep_best) for c in criteria]
+    policies.append(LatestN(keep_last))
+    if every_steps is not None:
+        policies.append(EveryNSteps(every_steps))
+    return AnyPreservation(tuple(policies))
+
+
+def plan_deletions(
+    records: Sequence[CheckpointRecord],
+    policy: PreservationPolicy,
+    protected: Collection[str] = (),
+) -> list[CheckpointRecord]:
+    """The records ``policy`` does not keep, minus the ``protected`` names, sorted by step.
+
+    ``protected`` holds names the caller must not touch whatever the policy says, such
+    as a checkpoint being written.
+    """
+    # A bare str is a Collection[str] of characters: it would silently protect nothing.
+    if isinstance(protected, str):
+        raise TypeError(f"protected must be a collection of names, not the str {protected!r}")
+    keep = policy.preserve(records) | frozenset(protected)
+    return sorted((r for r in records if r.name not in keep), key=lambda r: (r.step, r.name))
+
+
+def _is_finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
