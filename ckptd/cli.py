@@ -1,0 +1,295 @@
+"""The ``ckptd`` command line: run the daemon, query the store, run the demo.
+
+Exit codes: 0 success; 1 nothing to show (e.g. no best checkpoint yet);
+2 bad usage or configuration; 3 another daemon already follows the run;
+4 the store or a file in it could not be read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ckptd import __version__
+from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
+from ckptd.protocol import RunPaths
+from ckptd.records import CheckpointRecord, Criterion
+from ckptd.store import Store
+
+EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE = 0, 1, 2, 3, 4
+
+_EPILOG = """\
+examples:
+  ckptd run out/ --every-steps 200 --keep-last 2     follow out/logging.jsonl, keep best + last 2
+  ckptd ls out/                                      what is retained, newest last
+  ckptd best out/                                    path of the best checkpoint (for scripts)
+  ckptd demo                                         the seed scenario on a tiny model, in seconds
+
+The trainer side is two calls in the training loop; see README.md."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except DaemonAlreadyRunning as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
+    except ConfigError as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, OSError) as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_STORE
+    except CkptdError as exc:
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckptd",
+        description="Follow a training log, capture the best step, keep best + last N checkpoints.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(commands)
+    _add_ls(commands)
+    _add_best(commands)
+    _add_demo(commands)
+    return parser
+
+
+def _add_run(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="follow one run's log and manage its checkpoints (foreground)",
+        description="Follow RUN_DIR's training log; on a new best eval, ask the trainer's "
+        "CheckpointClient for that step's state, persist it and rotate. Stops on SIGINT/SIGTERM "
+        "after persisting what the trainer already handed over.",
+    )
+    run.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
+    run.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
+    run.add_argument("--metric", default="eval_loss", help="metric to judge (default: eval_loss)")
+    run.add_argument(
+        "--mode", choices=("min", "max"), help="min or max (default: min if the name has 'loss')"
+    )
+    run.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts")
+    run.add_argument("--keep-best", type=int, default=1, metavar="K", help="best checkpoints kept (1)")
+    run.add_argument("--keep-last", type=int, default=2, metavar="N", help="latest checkpoints kept (2)")
+    run.add_argument("--every-steps", type=int, metavar="M", help="also capture every M steps")
+    run.add_argument("--store", help="checkpoint directory (default: RUN_DIR/checkpoints)")
+    run.add_argument("--step-key", help="dotted JSON key holding the step (default: auto)")
+    run.add_argument("--poll", action="store_true", help="poll instead of inotify (network FS)")
+    run.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds (0.5)")
+    run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    run.set_defaults(handler=_cmd_run)
+
+
+def _add_ls(commands: Any) -> None:
+    ls = commands.add_parser(
+        "ls",
+        help="list retained checkpoints",
+        description="List committed "
+        "checkpoints of RUN_DIR's store, oldest step first. Works with or "
+        "without a daemon running.",
+    )
+    ls.add_argument("run_dir", metavar="RUN_DIR")
+    ls.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
+    ls.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+    ls.set_defaults(handler=_cmd_ls)
+
+
+def _add_best(commands: Any) -> None:
+    best = commands.add_parser(
+        "best",
+        help="print the best checkpoint's path",
+        description="Print the path of the retained checkpoint with the best metric value. "
+        "Exit status 1 when there is none.",
+    )
+    best.add_argument("run_dir", metavar="RUN_DIR")
+    best.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
+    best.add_argument("--metric", help="metric[:min|max] (default: what the daemon judges)")
+    best.add_argument("--json", action="store_true", help="the checkpoint as a JSON object")
+    best.set_defaults(handler=_cmd_best)
+
+
+def _add_demo(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run the seed scenario: eval every 50, save every 200, best at a step in between",
+        description="Train a tiny torch model on CPU with a real ckptd daemon subprocess and "
+        "show that the best eval step is kept, bit-identical, where save_steps=200 loses it.",
+    )
+    demo.add_argument("--dir", help="run directory to use (default: a fresh temp dir)")
+    demo.set_defaults(handler=_cmd_demo)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ckptd.config import RunConfig
+    from ckptd.daemon import RunDaemon
+
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
+    )
+    config = RunConfig.build(
+        args.run_dir,
+        log=args.log,
+        store=args.store,
+        metric=args.metric,
+        mode=args.mode,
+        min_delta=args.min_delta,
+        keep_best=args.keep_best,
+        keep_last=args.keep_last,
+        every_steps=args.every_steps,
+        step_key=args.step_key,
+        poll=args.poll,
+        poll_interval=args.poll_interval,
+    )
+    daemon = RunDaemon(config)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
+    return daemon.run()
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    store = _store_for(args)
+    records = store.list()
+    metric = _criterion_for(args).metric
+    if args.json:
+        print(json.dumps([_record_json(store, r) for r in records], indent=1))
+        return EXIT_OK
+    if not records:
+        print(f"no checkpoints in {store.root}", file=sys.stderr)
+        return EXIT_OK
+    rows = [("STEP", "TAGS", metric.upper(), "SIZE", "AGE", "NAME")]
+    now = time.time()
+    for r in records:
+        late = "" if r.requested_step in (None, r.step) else f" (asked {r.requested_step})"
+        rows.append(
+            (
+                f"{r.step}{late}",
+                ",".join(r.tags) or "-",
+                _fmt_metric(r.metrics.get(metric)),
+                _fmt_bytes(r.nbytes),
+                _fmt_age(now - r.created),
+                r.name,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from ckptd.policy import BestN
+
+    store = _store_for(args)
+    criterion = _criterion_for(args)
+    records = store.list()
+    kept = BestN(criterion, 1).preserve(records)
+    best = next((r for r in records if r.name in kept), None)
+    if best is None:
+        print(
+            f"ckptd: no checkpoint with a finite {criterion.metric} in {store.root} "
+            f"({len(records)} checkpoint(s) in all)",
+            file=sys.stderr,
+        )
+        return EXIT_EMPTY
+    print(json.dumps(_record_json(store, best), indent=1) if args.json else store.path_of(best.name))
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ckptd.demo import run_demo
+
+    return run_demo(Path(args.dir) if args.dir else None)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _saved_state(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(RunPaths(run_dir).state.read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store_for(args: argparse.Namespace) -> Store:
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if args.store:
+        return Store(run_dir / args.store)
+    saved = _saved_state(run_dir).get("store")
+    return Store(Path(saved) if isinstance(saved, str) else RunPaths(run_dir).default_store)
+
+
+def _criterion_for(args: argparse.Namespace) -> Criterion:
+    spec = getattr(args, "metric", None)
+    if not spec:
+        criteria = _saved_state(Path(args.run_dir)).get("criteria") or ["eval_loss"]
+        spec = str(criteria[0])
+    try:
+        return Criterion.parse(spec)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _record_json(store: Store, record: CheckpointRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "step": record.step,
+        "requested_step": record.requested_step,
+        "path": str(store.path_of(record.name)),
+        "tags": list(record.tags),
+        "metrics": {k: v if math.isfinite(v) else repr(v) for k, v in record.metrics.items()},
+        "bytes": record.nbytes,
+        "created": record.created,
+    }
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _fmt_bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TiB"
+
+
+def _fmt_age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

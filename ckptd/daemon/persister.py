@@ -1,0 +1,131 @@
+"""The persister: a worker thread that moves acknowledged slots into the store, then rotates.
+
+It is the only thread that writes the store, so "never delete the one in
+flight" holds by construction: retention runs between two persists. A slot is
+released (its ack deleted) only once its checkpoint is committed, so a daemon
+killed mid-copy finds the ack again on restart and redoes the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd.policy import PreservationPolicy, plan_deletions
+from ckptd.protocol import Ack
+from ckptd.records import CheckpointRecord
+from ckptd.store import Store
+
+log = logging.getLogger("ckptd.daemon")
+
+
+@dataclass(frozen=True)
+class Job:
+    ack_path: Path
+    ack: Ack
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    job: Job
+    record: CheckpointRecord | None = None
+    deleted: tuple[str, ...] = ()
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Persister:
+    """Runs jobs one at a time on its own thread and reports each outcome through ``done``."""
+
+    def __init__(
+        self,
+        store: Store,
+        staging: Path,
+        policy: PreservationPolicy,
+        run_id: str,
+        done: Callable[[Outcome], None],
+    ) -> None:
+        self.store = store
+        self.staging = staging
+        self.policy = policy
+        self.run_id = run_id
+        self._done = done
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="ckptd-persister", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        """Finish every submitted job, then stop: acknowledged snapshots are not dropped."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    def rotate(self) -> tuple[str, ...]:
+        """Delete what the policy does not keep, under the store lock shared with the CLI."""
+        with self.store.lock(timeout=60):
+            doomed = plan_deletions(self.store.list(), self.policy)
+            for record in doomed:
+                self.store.delete(record.name)
+                log.info("rotated out %s", record.name)
+        return tuple(r.name for r in doomed)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            started = time.monotonic()
+            try:
+                record = self._persist(job)
+                deleted = self.rotate()
+            except (OSError, ValueError) as exc:
+                outcome = Outcome(job, error=f"{type(exc).__name__}: {exc}")
+            else:
+                outcome = Outcome(job, record, deleted, seconds=time.monotonic() - started)
+            self._done(outcome)
+
+    def _persist(self, job: Job) -> CheckpointRecord:
+        ack = job.ack
+        committed = self._already_committed(ack)
+        if committed is None:
+            committed = self._copy_and_commit(job)
+        # Only now is the slot free for the trainer to reuse.
+        job.ack_path.unlink(missing_ok=True)
+        return committed
+
+    def _copy_and_commit(self, job: Job) -> CheckpointRecord:
+        ack = job.ack
+        slot = self.staging / ack.slot
+        with self.store.writing(ack.captured_step) as pending:
+            for name, nbytes in sorted(ack.files.items()):
+                pending.copy_in(name, slot / name, nbytes)
+            return self.store.commit(
+                pending,
+                {
+                    "requested_step": ack.requested_step,
+                    "exact": ack.requested_step in (None, ack.captured_step),
+                    "tags": list(ack.tags),
+                    "reason": ack.reason,
+                    "metrics": dict(job.metrics),
+                    "run_id": self.run_id,
+                    "ack": {"name": ack.name, "seq": ack.seq, "created": ack.created},
+                    "captured_at": ack.created,
+                },
+            )
+
+    def _already_committed(self, ack: Ack) -> CheckpointRecord | None:
+        """A daemon killed between commit and ack removal must not store the snapshot twice."""
+        for record in self.store.list():
+            if record.step != ack.captured_step:
+                continue
+            stamp = self.store.manifest(record.name).get("ack") or {}
+            if stamp.get("name") == ack.name and stamp.get("created") == ack.created:
+                return record
+        return None
