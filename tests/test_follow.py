@@ -66,9 +66,7 @@ def test_lines_across_read_chunks_stay_whole(log: Path, follower: LogFollower) -
     assert follower.cursor is not None and follower.cursor.offset == log.stat().st_size
 
 
-def test_copytruncate_rereads_from_start_and_drops_the_partial(
-    log: Path, follower: LogFollower
-) -> None:
+def test_copytruncate_rereads_from_start_and_drops_the_partial(log: Path, follower: LogFollower) -> None:
     log.write_bytes(b"one\ntwo\npart")
     assert follower.read_lines() == [b"one", b"two"]
     inode = log.stat().st_ino
@@ -94,9 +92,7 @@ def test_truncation_inside_the_held_partial_rewinds(log: Path, follower: LogFoll
     assert follower.rewinds == 1
 
 
-def test_truncated_and_regrown_past_offset_is_caught_by_head(
-    log: Path, follower: LogFollower
-) -> None:
+def test_truncated_and_regrown_past_offset_is_caught_by_head(log: Path, follower: LogFollower) -> None:
     log.write_bytes(b"old\n")
     assert follower.read_lines() == [b"old"]
     with open(log, "r+b") as f:  # same inode, longer, and a line still starts at byte 4
@@ -106,9 +102,7 @@ def test_truncated_and_regrown_past_offset_is_caught_by_head(
     assert follower.rewinds == 1
 
 
-def test_regrown_with_same_head_but_no_line_start_at_offset_rewinds(
-    log: Path, follower: LogFollower
-) -> None:
+def test_regrown_with_same_head_but_no_line_start_at_offset_rewinds(log: Path, follower: LogFollower) -> None:
     # The first 64 bytes match, but the old offset now falls inside a line.
     log.write_bytes(b"A" * 70 + b"\n")
     assert follower.read_lines() == [b"A" * 70]
@@ -333,9 +327,7 @@ def test_watcher_wakes_on_append(log: Path, woken: threading.Event, poll: bool) 
         watcher.stop()
 
 
-def test_watcher_wakes_when_file_is_created_late(
-    log: Path, woken: threading.Event, poll: bool
-) -> None:
+def test_watcher_wakes_when_file_is_created_late(log: Path, woken: threading.Event, poll: bool) -> None:
     watcher = _watcher(log, woken, poll)
     try:
         log.write_bytes(b"a\n")
@@ -344,9 +336,7 @@ def test_watcher_wakes_when_file_is_created_late(
         watcher.stop()
 
 
-def test_watcher_ignores_other_files_in_the_directory(
-    log: Path, woken: threading.Event, poll: bool
-) -> None:
+def test_watcher_ignores_other_files_in_the_directory(log: Path, woken: threading.Event, poll: bool) -> None:
     log.write_bytes(b"a\n")
     watcher = _watcher(log, woken, poll)
     try:

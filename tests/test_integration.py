@@ -201,9 +201,15 @@ def test_bad_lines_and_nan_never_stop_the_daemon_nor_become_best(
     wait_for(lambda: _verdict(paths) == (100, "skip"), what="verdict for the NaN eval")
     append_lines(log, {"step": 150, "eval_loss": 0.4})
     wait_for(lambda: _verdict(paths) == (150, "snapshot"), what="a real best after the bad lines")
-    wait_for(lambda: json.loads(paths.status.read_text())["malformed_lines"] == {"json": 1, "utf8": 1})
+
+    def status_caught_up() -> bool:  # status.json is a heartbeat: wait for the beat after step 150
+        status = json.loads(paths.status.read_text())
+        return status["bests"].get("eval_loss", {}).get("step") == 150
+
+    wait_for(status_caught_up, what="a heartbeat after step 150")
     status = json.loads(paths.status.read_text())
-    assert status["bests"]["eval_loss"]["step"] == 150
+    assert status["malformed_lines"] == {"json": 1, "utf8": 1}
+    assert status["bests"]["eval_loss"]["value"] == 0.4
     assert daemon.proc.poll() is None
     assert daemon.stop() == 0
 

@@ -34,9 +34,7 @@ def evals(events: list[LogEvent | None]) -> list[LogEvent]:
         ("runC_oodval_logging.jsonl", 600, 0.8652485, 0.97229719),
     ],
 )
-def test_ms_swift_fixture_end_to_end(
-    name: str, best_step: int, best_loss: float, last_loss: float
-) -> None:
+def test_ms_swift_fixture_end_to_end(name: str, best_step: int, best_loss: float, last_loss: float) -> None:
     events = parse_file(name)
     assert len(events) == 147
     # Every line but the final summary is an event with the step ms-swift logged.
@@ -77,9 +75,7 @@ def test_summary_line_is_not_an_event(step_key: str | None) -> None:
     assert JsonlFormat(step_key).parse(summary) is None
 
 
-@pytest.mark.parametrize(
-    "key", ["log_history", "best_model_checkpoint", "last_model_checkpoint"]
-)
+@pytest.mark.parametrize("key", ["log_history", "best_model_checkpoint", "last_model_checkpoint"])
 def test_any_summary_key_marks_a_summary(key: str) -> None:
     assert JsonlFormat().parse(f'{{"step": 5, "loss": 1, "{key}": null}}'.encode()) is None
 

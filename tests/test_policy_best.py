@@ -32,14 +32,10 @@ ACC = Criterion("eval_acc", "max")
         # Deltas and values are exact binary fractions so "equal" really is equal.
         pytest.param(Criterion("l", "min", 0.25), 0.5, Best(1, 1.0), True, id="min-delta-beyond"),
         pytest.param(Criterion("l", "min", 0.25), 0.75, Best(1, 1.0), False, id="min-delta-equal"),
-        pytest.param(
-            Criterion("l", "min", 0.25), 0.875, Best(1, 1.0), False, id="min-delta-within"
-        ),
+        pytest.param(Criterion("l", "min", 0.25), 0.875, Best(1, 1.0), False, id="min-delta-within"),
         pytest.param(Criterion("a", "max", 0.25), 1.5, Best(1, 1.0), True, id="max-delta-beyond"),
         pytest.param(Criterion("a", "max", 0.25), 1.25, Best(1, 1.0), False, id="max-delta-equal"),
-        pytest.param(
-            Criterion("a", "max", 0.25), 1.125, Best(1, 1.0), False, id="max-delta-within"
-        ),
+        pytest.param(Criterion("a", "max", 0.25), 1.125, Best(1, 1.0), False, id="max-delta-within"),
         pytest.param(LOSS, 0.3, None, True, id="min-first-finite"),
         pytest.param(ACC, -5.0, None, True, id="max-first-finite-negative"),
         pytest.param(LOSS, NAN, None, False, id="nan-first"),
@@ -52,9 +48,7 @@ ACC = Criterion("eval_acc", "max")
         pytest.param(LOSS, 5.0, Best(1, NAN), True, id="nan-best-from-outside-is-no-best"),
     ],
 )
-def test_is_improvement(
-    criterion: Criterion, value: float, best: Best | None, expected: bool
-) -> None:
+def test_is_improvement(criterion: Criterion, value: float, best: Best | None, expected: bool) -> None:
     assert is_improvement(criterion, value, best) is expected
 
 

@@ -28,23 +28,16 @@ LOSS = Criterion("eval_loss", "min")
 ACC = Criterion("eval_acc", "max")
 
 
-def rec(
-    step: int, created: float = 0.0, name: str | None = None, **metrics: float
-) -> CheckpointRecord:
+def rec(step: int, created: float = 0.0, name: str | None = None, **metrics: float) -> CheckpointRecord:
     """A committed checkpoint named like the store names them, unless told otherwise."""
-    return CheckpointRecord(
-        name=name or f"step-{step:08d}", step=step, metrics=metrics, created=created
-    )
+    return CheckpointRecord(name=name or f"step-{step:08d}", step=step, metrics=metrics, created=created)
 
 
 def names(*steps: int) -> frozenset[str]:
     return frozenset(f"step-{s:08d}" for s in steps)
 
 
-FIVE = [
-    rec(s, eval_loss=loss)
-    for s, loss in [(100, 0.5), (200, 0.3), (300, 0.4), (400, 0.2), (500, 0.6)]
-]
+FIVE = [rec(s, eval_loss=loss) for s, loss in [(100, 0.5), (200, 0.3), (300, 0.4), (400, 0.2), (500, 0.6)]]
 
 
 @pytest.mark.parametrize(
@@ -52,9 +45,7 @@ FIVE = [
     [
         pytest.param(LatestN(2), FIVE, names(400, 500), id="latest-2"),
         pytest.param(LatestN(0), FIVE, frozenset(), id="latest-0"),
-        pytest.param(
-            LatestN(9), FIVE, names(100, 200, 300, 400, 500), id="latest-more-than-records"
-        ),
+        pytest.param(LatestN(9), FIVE, names(100, 200, 300, 400, 500), id="latest-more-than-records"),
         pytest.param(LatestN(3), [], frozenset(), id="latest-no-records"),
         pytest.param(
             LatestN(1),
@@ -104,9 +95,7 @@ FIVE = [
         ),
         pytest.param(EveryNSteps(200), FIVE, names(200, 400), id="every-200"),
         pytest.param(EveryNSteps(1), FIVE, names(100, 200, 300, 400, 500), id="every-1"),
-        pytest.param(
-            EveryNSteps(1000), [rec(0), rec(999), rec(1000)], names(0, 1000), id="every-step-0"
-        ),
+        pytest.param(EveryNSteps(1000), [rec(0), rec(999), rec(1000)], names(0, 1000), id="every-step-0"),
         pytest.param(AnyPreservation(()), FIVE, frozenset(), id="any-empty"),
         pytest.param(
             AnyPreservation((LatestN(1), BestN(LOSS, 1), EveryNSteps(300))),
@@ -154,12 +143,8 @@ def test_checkpoint_best_on_two_criteria_is_kept_once() -> None:
         pytest.param(lambda: BestN(LOSS, -2), "BestN.n must be >= 0, not -2", id="best-negative"),
         pytest.param(lambda: EveryNSteps(0), "interval must be >= 1, not 0", id="every-zero"),
         pytest.param(lambda: EveryNSteps(-5), "interval must be >= 1, not -5", id="every-negative"),
-        pytest.param(
-            lambda: best_plus_last([LOSS], keep_best=1, keep_last=-1), "LatestN.n", id="keep-last"
-        ),
-        pytest.param(
-            lambda: best_plus_last([LOSS], 1, 1, every_steps=0), "interval", id="every-steps"
-        ),
+        pytest.param(lambda: best_plus_last([LOSS], keep_best=1, keep_last=-1), "LatestN.n", id="keep-last"),
+        pytest.param(lambda: best_plus_last([LOSS], 1, 1, every_steps=0), "interval", id="every-steps"),
     ],
 )
 def test_constructors_validate(make: object, message: str) -> None:
@@ -171,9 +156,7 @@ def test_constructors_validate(make: object, message: str) -> None:
     ("every_steps", "expected"),
     [
         pytest.param(None, (BestN(LOSS, 3), BestN(ACC, 3), LatestN(2)), id="without-every"),
-        pytest.param(
-            500, (BestN(LOSS, 3), BestN(ACC, 3), LatestN(2), EveryNSteps(500)), id="with-every"
-        ),
+        pytest.param(500, (BestN(LOSS, 3), BestN(ACC, 3), LatestN(2), EveryNSteps(500)), id="with-every"),
     ],
 )
 def test_best_plus_last_builds_the_default_policy(
@@ -239,9 +222,7 @@ def test_seed_scenario(
         bests = dict(judgement.bests)
         assert judgement.verdict is not None
         if judgement.verdict.action == "snapshot" or step % 200 == 0:
-            new = CheckpointRecord(
-                f"step-{step:08d}", step, judgement.verdict.tags, metrics, created=step
-            )
+            new = CheckpointRecord(f"step-{step:08d}", step, judgement.verdict.tags, metrics, created=step)
             store.append(new)
             doomed = plan_deletions(store, policy)
             store = [r for r in store if r not in doomed]

@@ -85,7 +85,9 @@ class Persister:
             try:
                 record = self._persist(job)
                 deleted = self.rotate()
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # a dead worker would silently stop all persists: report, go on
+                if not isinstance(exc, (OSError, ValueError)):
+                    log.exception("unexpected error persisting %s", job.ack_path.name)
                 outcome = Outcome(job, error=f"{type(exc).__name__}: {exc}")
             else:
                 outcome = Outcome(job, record, deleted, seconds=time.monotonic() - started)

@@ -179,8 +179,11 @@ class RunDaemon:
                     self._handle(self._wakeups.get_nowait())
             except queue.Empty:
                 pass
-            self._follow(live=True)
-            self._submit_acks()
+            try:
+                self._follow(live=True)
+                self._submit_acks()
+            except OSError as exc:  # an unreadable log or acks dir may heal; the heartbeat says what
+                self._error(f"{type(exc).__name__}: {exc}")
             if time.monotonic() >= next_beat:
                 self._write_status()
                 self._save_state()

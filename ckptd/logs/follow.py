@@ -83,9 +83,7 @@ class LogFollower:
     trailing ``\\r``); a line is never returned half, and never twice except after a rewind.
     """
 
-    def __init__(
-        self, path: Path, cursor: Cursor | None = None, max_line_bytes: int = 1 << 20
-    ) -> None:
+    def __init__(self, path: Path, cursor: Cursor | None = None, max_line_bytes: int = 1 << 20) -> None:
         if max_line_bytes < 1:
             raise ValueError(f"max_line_bytes must be >= 1, not {max_line_bytes}")
         self.path = Path(path)
@@ -253,8 +251,7 @@ class LogFollower:
         if not self._warned:
             self._warned = True
             logger.warning(
-                "%s: skipped a line longer than %d bytes (max_line_bytes); further ones are "
-                "only counted",
+                "%s: skipped a line longer than %d bytes (max_line_bytes); further ones are only counted",
                 self.path,
                 self._max_line,
             )

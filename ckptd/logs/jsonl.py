@@ -141,8 +141,7 @@ class LineCounter:
         if seen == 0:
             # One message per kind: a log full of bad lines must not flood the daemon's own log.
             logger.warning(
-                "skipping malformed log line (%s): %s; line starts %r; later %r lines are "
-                "only counted",
+                "skipping malformed log line (%s): %s; line starts %r; later %r lines are only counted",
                 error.kind,
                 error.problem,
                 line_preview[:_PREVIEW_BYTES],

@@ -83,9 +83,7 @@ def judge(criteria: Sequence[Criterion], bests: Mapping[str, Best], event: LogEv
     return Judgement(verdict=verdict, bests=new_bests)
 
 
-def _judge_one(
-    criterion: Criterion, value: float, best: Best | None, step: int
-) -> tuple[bool, str]:
+def _judge_one(criterion: Criterion, value: float, best: Best | None, step: int) -> tuple[bool, str]:
     """One criterion's decision on one value, with the short reason a user reads."""
     name = criterion.metric
     if not math.isfinite(value):
