@@ -20,6 +20,7 @@ class RunConfig:
     keep_last: int = 2
     every_steps: int | None = None
     step_key: str | None = None
+    log_format: str = "auto"
     poll: bool = False
     poll_interval: float = 0.5
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S

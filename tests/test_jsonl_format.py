@@ -218,3 +218,18 @@ def test_line_counter_preview_is_truncated(caplog: pytest.LogCaptureFixture) -> 
     (message,) = [r.getMessage() for r in caplog.records if r.name == "ckptd.logs"]
     assert "x" * 200 in message
     assert "x" * 201 not in message
+
+
+def test_watched_metrics_skip_lines_that_cannot_change_a_verdict() -> None:
+    fmt = JsonlFormat(watched=["eval_loss"])
+    train = b'{"loss": 0.5, "global_step/max_steps": "10/100"}'
+    assert JsonlFormat().parse(train) is not None  # unfiltered, the same line is an event
+    assert fmt.parse(train) is None
+    event = fmt.parse(b'{"eval_loss": 0.25, "eval_acc": 0.9, "global_step/max_steps": "50/100"}')
+    assert event == LogEvent(50, {"eval_loss": 0.25, "eval_acc": 0.9})
+
+
+def test_watched_filter_still_counts_invalid_utf8_garbage() -> None:
+    with pytest.raises(MalformedLine) as caught:
+        JsonlFormat(watched=["eval_loss"]).parse(b"\xff\xfe binary garbage")
+    assert caught.value.kind == "utf8"

@@ -26,8 +26,8 @@ from ckptd import __version__
 from ckptd.config import RunConfig
 from ckptd.daemon.persister import Job, Outcome, Persister
 from ckptd.daemon.state import DaemonState, load_state, save_state
-from ckptd.errors import DaemonAlreadyRunning, MalformedLine, ProtocolError
-from ckptd.logs import ChangeWatcher, JsonlFormat, LineCounter, LogFollower
+from ckptd.errors import DaemonAlreadyRunning, ProtocolError
+from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.policy import best_plus_last, judge
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -63,8 +63,6 @@ class RunDaemon:
         self.config = config
         self.paths: RunPaths = config.paths
         self.store = Store(config.store)
-        self.format = JsonlFormat(config.step_key)
-        self.malformed = LineCounter()
         self._wakeups: queue.Queue[Wake] = queue.Queue()
         self._stopping: str | None = None
         self._queued: set[str] = set()  # ack file names the persister has and has not reported on
@@ -76,7 +74,7 @@ class RunDaemon:
         self._persisted = 0
         self._last_persist_s: float | None = None
         self._state: DaemonState
-        self._follower: LogFollower
+        self._source: EventSource
         self._persister: Persister
         self._watchers: list[ChangeWatcher] = []
 
@@ -112,7 +110,13 @@ class RunDaemon:
             log.warning("removed %s left in the store by an interrupted write", name)
         self._state = self._load_or_create_state()
         self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._follower = LogFollower(self.config.log, cursor=self._state.cursor)
+        self._source = open_source(
+            self.config.log,
+            self.config.log_format,
+            watched=[c.metric for c in self.config.criteria],
+            step_key=self.config.step_key,
+            cursor=self._state.cursor,
+        )
         self._persister = Persister(
             self.store,
             self.staging,
@@ -153,10 +157,11 @@ class RunDaemon:
         wake = self._wakeups.put
         self._watchers = [
             ChangeWatcher(
-                self.config.log,
+                self._source.watch_path,
                 lambda: wake(Wake("log")),
                 poll=self.config.poll,
                 poll_interval=self.config.poll_interval,
+                children=self._source.watch_children,
             ),
             ChangeWatcher(
                 self.paths.acks,
@@ -204,7 +209,7 @@ class RunDaemon:
         self._persister.stop()
         while not self._wakeups.empty():
             self._handle(self._wakeups.get_nowait())
-        self._follower.close()
+        self._source.close()
         self._save_state()
         self._remove_idle_slots()
         self._write_status(state="stopped")
@@ -214,14 +219,8 @@ class RunDaemon:
     # -- follow and judge --------------------------------------------------------------------
 
     def _follow(self, *, live: bool) -> None:
-        for line in self._follower.read_lines():
-            try:
-                event = self.format.parse(line)
-            except MalformedLine as exc:
-                self.malformed.record(exc, line[:200])
-                continue
-            if event is not None:
-                self._on_event(event, live=live)
+        for event in self._source.read_events():
+            self._on_event(event, live=live)
 
     def _on_event(self, event: LogEvent, *, live: bool) -> None:
         self._remember(event)
@@ -324,15 +323,16 @@ class RunDaemon:
         log.error("%s", message)
 
     def _save_state(self) -> None:
-        self._state = self._state.with_(cursor=self._follower.cursor)
+        self._state = self._state.with_(cursor=self._source.cursor())
         save_state(self.paths.state, self._state)
 
     def _write_status(self, state: str = "running") -> None:
-        cursor = self._follower.cursor
+        cursor = self._source.cursor() or {}
         try:
             log_size = self.config.log.stat().st_size
         except FileNotFoundError:
             log_size = None
+        offset = cursor.get("offset")
         verdict = self._last_verdict
         atomic_write_json(
             self.paths.status,
@@ -346,8 +346,9 @@ class RunDaemon:
                 "heartbeat": time.time(),
                 "run_id": self._state.run_id,
                 "log": str(self.config.log),
-                "log_offset": cursor.offset if cursor else 0,
-                "log_lag_bytes": max(0, log_size - cursor.offset) if log_size and cursor else 0,
+                "log_format": self._source.name,
+                "log_offset": offset,
+                "log_lag_bytes": None if log_size is None or offset is None else max(0, log_size - offset),
                 "watcher": self._watchers[0].mode if self._watchers else None,
                 "store": str(self.config.store),
                 "bests": {m: {"step": b.step, "value": b.value} for m, b in self._state.bests.items()},
@@ -363,7 +364,7 @@ class RunDaemon:
                 "persisted": self._persisted,
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),
-                "malformed_lines": dict(self.malformed.counts),
+                "malformed_lines": dict(self._source.malformed.counts),
                 "last_error": self._last_error,
             },
         )

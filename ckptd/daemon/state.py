@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ckptd.logs import Cursor
 from ckptd.protocol import atomic_write_json
 from ckptd.records import Best
 
@@ -33,7 +32,7 @@ class DaemonState:
     seq: int = 0
     judged_step: int = -1
     bests: dict[str, Best] = field(default_factory=dict)
-    cursor: Cursor | None = None
+    cursor: dict[str, Any] | None = None  # the event source's resume state, as it saved it
 
     @classmethod
     def fresh(cls, store: Path, criteria: tuple[str, ...]) -> DaemonState:
@@ -51,7 +50,7 @@ class DaemonState:
             "seq": self.seq,
             "judged_step": self.judged_step,
             "bests": {m: {"step": b.step, "value": b.value} for m, b in self.bests.items()},
-            "cursor": self.cursor.to_json() if self.cursor else None,
+            "cursor": self.cursor,
         }
 
     @classmethod
@@ -71,7 +70,7 @@ class DaemonState:
             seq=int(data.get("seq", 0)),
             judged_step=int(data.get("judged_step", -1)),
             bests=bests,
-            cursor=Cursor.from_json(cursor) if cursor else None,
+            cursor=cursor if isinstance(cursor, dict) else None,
         )
 
 

@@ -7,7 +7,20 @@ to resume after a restart), :class:`ChangeWatcher` says when to ask it, and each
 
 from __future__ import annotations
 
+from ckptd.logs.detect import FORMATS, open_source
 from ckptd.logs.follow import ChangeWatcher, Cursor, LogFollower
 from ckptd.logs.jsonl import JsonlFormat, LineCounter
+from ckptd.logs.source import EventSource, LineFormat, LineSource
 
-__all__ = ["ChangeWatcher", "Cursor", "JsonlFormat", "LineCounter", "LogFollower"]
+__all__ = [
+    "FORMATS",
+    "ChangeWatcher",
+    "Cursor",
+    "EventSource",
+    "JsonlFormat",
+    "LineCounter",
+    "LineFormat",
+    "LineSource",
+    "LogFollower",
+    "open_source",
+]
