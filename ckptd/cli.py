@@ -20,6 +20,7 @@ from typing import Any
 
 from ckptd import __version__
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
+from ckptd.logs.detect import FORMATS
 from ckptd.protocol import RunPaths
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
@@ -79,19 +80,35 @@ def _add_run(commands: Any) -> None:
         "after persisting what the trainer already handed over.",
     )
     run.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
-    run.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
-    run.add_argument("--metric", default="eval_loss", help="metric to judge (default: eval_loss)")
-    run.add_argument(
-        "--mode", choices=("min", "max"), help="min or max (default: min if the name has 'loss')"
+    judged = run.add_argument_group("what is best")
+    judged.add_argument("--metric", help="metric to judge (default: eval_loss unless --best is given)")
+    judged.add_argument(
+        "--mode", choices=("min", "max"), help="default: min if the name has 'loss', else max"
     )
-    run.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts")
-    run.add_argument("--keep-best", type=int, default=1, metavar="K", help="best checkpoints kept (1)")
-    run.add_argument("--keep-last", type=int, default=2, metavar="N", help="latest checkpoints kept (2)")
-    run.add_argument("--every-steps", type=int, metavar="M", help="also capture every M steps")
-    run.add_argument("--store", help="checkpoint directory (default: RUN_DIR/checkpoints)")
-    run.add_argument("--step-key", help="dotted JSON key holding the step (default: auto)")
-    run.add_argument("--poll", action="store_true", help="poll instead of inotify (network FS)")
-    run.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds (0.5)")
+    judged.add_argument(
+        "--best",
+        action="append",
+        default=[],
+        metavar="METRIC[:MODE][:K]",
+        help="watch another criterion, e.g. eval_accuracy:max:2 (repeatable; tag best:METRIC)",
+    )
+    judged.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts (0)")
+    kept = run.add_argument_group("what is kept")
+    kept.add_argument("--keep-best", type=int, default=1, metavar="K", help="best kept per criterion (1)")
+    kept.add_argument("--keep-last", type=int, default=2, metavar="N", help="latest checkpoints kept (2)")
+    kept.add_argument(
+        "--keep-every", type=int, metavar="M", help="also keep every checkpoint at a multiple of M"
+    )
+    kept.add_argument(
+        "--every-steps", type=int, metavar="M", help="ask the trainer for a capture every M steps"
+    )
+    kept.add_argument("--store", help="checkpoint directory (default: RUN_DIR/checkpoints)")
+    read = run.add_argument_group("what is read")
+    read.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
+    read.add_argument("--format", default="auto", choices=FORMATS, help="log format (default: auto)")
+    read.add_argument("--step-key", help="dotted JSON key holding the step (default: auto)")
+    read.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
+    read.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds (0.5)")
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     run.set_defaults(handler=_cmd_run)
 
@@ -146,16 +163,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
     )
+    primary = [f"{args.metric}:{args.mode}" if args.mode else args.metric] if args.metric else []
+    if not primary and not args.best:
+        primary = [f"eval_loss:{args.mode}" if args.mode else "eval_loss"]
     config = RunConfig.build(
         args.run_dir,
+        best=primary + args.best,
+        keep_best=args.keep_best,
+        min_delta=args.min_delta,
         log=args.log,
         store=args.store,
-        metric=args.metric,
-        mode=args.mode,
-        min_delta=args.min_delta,
-        keep_best=args.keep_best,
         keep_last=args.keep_last,
+        keep_every=args.keep_every,
         every_steps=args.every_steps,
+        log_format=args.format,
         step_key=args.step_key,
         poll=args.poll,
         poll_interval=args.poll_interval,

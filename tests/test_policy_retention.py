@@ -118,7 +118,7 @@ def test_preserve(
 
 
 def test_preserve_does_not_depend_on_record_order() -> None:
-    policy = best_plus_last([LOSS], keep_best=2, keep_last=1, every_steps=300)
+    policy = best_plus_last({LOSS: 2}, keep_last=1, every_steps=300)
     shuffled = list(FIVE)
     random.Random(0).shuffle(shuffled)
     assert policy.preserve(shuffled) == policy.preserve(FIVE) == names(200, 300, 400, 500)
@@ -131,7 +131,7 @@ def test_checkpoint_best_on_two_criteria_is_kept_once() -> None:
         rec(300, eval_loss=0.2, eval_acc=0.8),  # second on both: one slot each is full
         rec(400, eval_loss=0.4, eval_acc=0.6),
     ]
-    policy = best_plus_last([LOSS, ACC], keep_best=1, keep_last=1)
+    policy = best_plus_last({LOSS: 1, ACC: 1}, keep_last=1)
     assert policy.preserve(records) == names(200, 400)
     assert plan_deletions(records, policy) == [records[0], records[2]]
 
@@ -143,8 +143,8 @@ def test_checkpoint_best_on_two_criteria_is_kept_once() -> None:
         pytest.param(lambda: BestN(LOSS, -2), "BestN.n must be >= 0, not -2", id="best-negative"),
         pytest.param(lambda: EveryNSteps(0), "interval must be >= 1, not 0", id="every-zero"),
         pytest.param(lambda: EveryNSteps(-5), "interval must be >= 1, not -5", id="every-negative"),
-        pytest.param(lambda: best_plus_last([LOSS], keep_best=1, keep_last=-1), "LatestN.n", id="keep-last"),
-        pytest.param(lambda: best_plus_last([LOSS], 1, 1, every_steps=0), "interval", id="every-steps"),
+        pytest.param(lambda: best_plus_last({LOSS: 1}, keep_last=-1), "LatestN.n", id="keep-last"),
+        pytest.param(lambda: best_plus_last({LOSS: 1}, 1, every_steps=0), "interval", id="every-steps"),
     ],
 )
 def test_constructors_validate(make: object, message: str) -> None:
@@ -162,7 +162,7 @@ def test_constructors_validate(make: object, message: str) -> None:
 def test_best_plus_last_builds_the_default_policy(
     every_steps: int | None, expected: tuple[PreservationPolicy, ...]
 ) -> None:
-    assert best_plus_last([LOSS, ACC], 3, 2, every_steps) == AnyPreservation(expected)
+    assert best_plus_last({LOSS: 3, ACC: 3}, 2, every_steps) == AnyPreservation(expected)
 
 
 def test_plan_deletions_sorted_by_step() -> None:
@@ -213,7 +213,7 @@ def test_seed_scenario(
     keep_best: int, keep_last: int, every_steps: int | None, expected_kept: tuple[int, ...]
 ) -> None:
     """Evals every 50 steps to 2000, periodic saves every 200, rotation after each commit."""
-    policy = best_plus_last([LOSS], keep_best, keep_last, every_steps)
+    policy = best_plus_last({LOSS: keep_best}, keep_last, every_steps)
     bests: dict[str, Best] = {}
     store: list[CheckpointRecord] = []
     for step in range(50, 2001, 50):
@@ -268,7 +268,7 @@ def test_best_finite_record_is_never_deleted(
 ) -> None:
     criterion = Criterion("m", mode)  # type: ignore[arg-type]
     protected = data.draw(st.sets(st.sampled_from([r.name for r in records])))
-    policy = best_plus_last([criterion], keep_best, keep_last, every_steps)
+    policy = best_plus_last({criterion: keep_best}, keep_last, every_steps)
     planned = plan_deletions(records, policy, protected)
     planned_names = {r.name for r in planned}
 

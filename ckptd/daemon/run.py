@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 from filelock import FileLock, Timeout
 
 from ckptd import __version__
@@ -77,6 +78,7 @@ class RunDaemon:
         self._source: EventSource
         self._persister: Persister
         self._watchers: list[ChangeWatcher] = []
+        self._process = psutil.Process()
 
     # -- the public face -------------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class RunDaemon:
         self._persister = Persister(
             self.store,
             self.staging,
-            best_plus_last(self.config.criteria, self.config.keep_best, self.config.keep_last),
+            best_plus_last(dict(self.config.best), self.config.keep_last, self.config.keep_every),
             self._state.run_id,
             lambda outcome: self._wakeups.put(Wake("persisted", outcome)),
         )
@@ -341,6 +343,7 @@ class RunDaemon:
                 "version": __version__,
                 "state": state,
                 "pid": os.getpid(),
+                "rss_bytes": self._process.memory_info().rss,
                 "host": socket.gethostname(),
                 "started": self._started,
                 "heartbeat": time.time(),

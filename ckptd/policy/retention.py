@@ -8,7 +8,7 @@ lists the rest. Nothing here touches the store; the store module carries out the
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -85,11 +85,12 @@ class AnyPreservation:
 
 
 def best_plus_last(
-    criteria: Sequence[Criterion], keep_best: int, keep_last: int, every_steps: int | None = None
+    best: Mapping[Criterion, int], keep_last: int, every_steps: int | None = None
 ) -> AnyPreservation:
-    """The default policy: the best ``keep_best`` per criterion, the last ``keep_last``,
-    and, when ``every_steps`` is given, every checkpoint at a multiple of it."""
-    policies: list[PreservationPolicy] = [BestN(c, keep_best) for c in criteria]
+    """The product policy: for each criterion its best K (``best`` maps criterion to K),
+    the last ``keep_last``, and, when ``every_steps`` is given, every checkpoint at a
+    multiple of it."""
+    policies: list[PreservationPolicy] = [BestN(c, k) for c, k in best.items()]
     policies.append(LatestN(keep_last))
     if every_steps is not None:
         policies.append(EveryNSteps(every_steps))
