@@ -253,11 +253,14 @@ class Ack:
     def from_json(cls, path: Path, data: Mapping[str, Any]) -> Ack:
         files = _field(path, data, "files", dict)
         for fname, size in files.items():
-            if not _is_plain_name(fname) or not isinstance(size, int) or size < 0:
+            if not _is_plain_name(fname) or not _is_count(size):
                 raise ProtocolError(path, f"bad file entry {fname!r}: {size!r}")
         slot = _field(path, data, "slot", str)
         if not _is_plain_name(slot):
             raise ProtocolError(path, f"slot {slot!r} is not a plain name")
+        for name in ("captured_step", "requested_step", "seq"):
+            if data.get(name) is not None and not _is_count(data[name]):
+                raise ProtocolError(path, f"field {name!r} must be an integer >= 0, not {data[name]!r}")
         return cls(
             name=_field(path, data, "name", str),
             captured_step=_field(path, data, "captured_step", int),
@@ -269,6 +272,10 @@ class Ack:
             reason=str(data.get("reason", "")),
             created=float(data.get("created") or 0.0),
         )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_plain_name(name: object) -> bool:

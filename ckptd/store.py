@@ -105,6 +105,8 @@ class Store:
     @contextmanager
     def writing(self, step: int) -> Iterator[PendingCheckpoint]:
         """A temp directory to fill; removed again if the block raises before ``commit``."""
+        if step < 0:
+            raise StoreError(self.root, f"refusing a checkpoint of negative step {step}")
         self.ensure()
         pending = PendingCheckpoint(
             Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:08d}-", dir=self.root)), step
@@ -152,7 +154,7 @@ class Store:
         """Committed checkpoints, oldest step first; unreadable manifests are logged and left out."""
         records = []
         for entry in self._entries():
-            if not _NAME.match(entry.name) or entry.is_symlink():
+            if not _NAME.match(entry.name) or entry.is_symlink() or not entry.is_dir():
                 continue
             try:
                 records.append(self.read(entry.name))

@@ -46,7 +46,7 @@ _SLOT_GRANULE = 64 << 20  # grow slots in 64 MiB steps so a slightly larger stat
 def flatten_state(state: Any) -> tuple[list[tuple[str, torch.Tensor]], Any]:
     """Split ``state`` into named tensors and a JSON-able skeleton that refers to them."""
     tensors: list[tuple[str, torch.Tensor]] = []
-    names: set[str] = set()
+    names: set[str] = {"__metadata__"}  # safetensors' reserved header key is never a tensor name
 
     def visit(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
