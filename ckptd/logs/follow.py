@@ -113,17 +113,40 @@ class LogFollower:
 
     def read_lines(self) -> list[bytes]:
         """Every complete line added since the last call (``[]`` while the file is missing)."""
-        at_path = self._identity_at_path()
         lines: list[bytes] = []
+        while blocks := self.read_blocks():
+            for block in blocks:
+                lines += self.lines_in(block)
+        return lines
+
+    def read_blocks(self, max_bytes: int = _CHUNK) -> list[bytes]:
+        """Complete new lines as blocks (lines joined by ``\n``), about ``max_bytes`` per call.
+
+        Call until it returns ``[]``. A block is what a reader that only wants some lines
+        can search at C speed without making a Python object of every line; the memory a
+        call takes is bounded, so catching up on a huge log stays small.
+        """
+        at_path = self._identity_at_path()
+        blocks: list[bytes] = []
         if self._fd is not None and at_path is not None and at_path != self._ident:
             # Another file took the name (rename-rotation, or deleted and recreated): the
             # held one is finished, so drain it, unterminated last line included.
-            lines = self._read_new(final=True)
+            blocks = self._read_new(final=True, max_bytes=None)
             self._close_fd()
         if self._fd is None and (at_path is None or not self._open()):
-            return lines
-        lines += self._read_new(final=False)
-        return lines
+            return blocks
+        return blocks + self._read_new(final=False, max_bytes=max_bytes)
+
+    def lines_in(self, block: bytes) -> list[bytes]:
+        """The lines of a block, over-long ones skipped and counted."""
+        return [line for line in map(self.accept, block.split(b"\n")) if line is not None]
+
+    def accept(self, line: bytes) -> bytes | None:
+        """``line`` without a trailing ``\r``, or None (counted) when it is over the bound."""
+        if len(line) > self._max_line:
+            self._skip_long_line()
+            return None
+        return line[:-1] if line.endswith(b"\r") else line
 
     def close(self) -> None:
         """Release the file; a later :meth:`read_lines` resumes from :attr:`cursor`."""
@@ -168,19 +191,19 @@ class LogFollower:
         self._head = current[: min(_HEAD_BYTES, cursor.offset)]
         return True
 
-    def _read_new(self, *, final: bool) -> list[bytes]:
+    def _read_new(self, *, final: bool, max_bytes: int | None) -> list[bytes]:
         st = os.fstat(self._require_fd())
-        lines: list[bytes] = []
-        # Size and mtime unchanged: nothing to read, and no reason to re-check identity.
+        blocks: list[bytes] = []
+        # Size and mtime unchanged since the file was last read to its end: nothing to read.
         if (st.st_size, st.st_mtime_ns) != self._seen:
-            self._seen = (st.st_size, st.st_mtime_ns)
             if not self._same_content(st.st_size):
                 self.rewinds += 1
                 self._reset()
-            self._read_to_eof(lines)
+            if self._read_to_eof(blocks, max_bytes):
+                self._seen = (st.st_size, st.st_mtime_ns)
         if final:
-            self._flush_partial(lines)
-        return lines
+            self._flush_partial(blocks)
+        return blocks
 
     def _same_content(self, size: int) -> bool:
         """False after copytruncate, or truncation and regrowth past what was read."""
@@ -195,21 +218,26 @@ class LogFollower:
         # file was rewritten even if its first bytes happen to be the same.
         return offset == 0 or os.pread(self._require_fd(), 1, offset - 1) == b"\n"
 
-    def _read_to_eof(self, lines: list[bytes]) -> None:
+    def _read_to_eof(self, blocks: list[bytes], max_bytes: int | None) -> bool:
+        """Read on, up to about ``max_bytes``; True when the end of the file was reached."""
         fd = self._require_fd()
-        while True:
+        budget = max_bytes
+        while budget is None or budget > 0:
             data = os.pread(fd, _CHUNK, self._read_pos)
             if not data:
-                return
+                return True
             if self._read_pos < _HEAD_BYTES:
                 self._head += data[: _HEAD_BYTES - self._read_pos]
-            self._feed(data, lines)
+            self._feed(data, blocks)
             self._read_pos += len(data)
             if len(data) < _CHUNK:
-                return
+                return True
+            if budget is not None:
+                budget -= len(data)
+        return False
 
-    def _feed(self, data: bytes, lines: list[bytes]) -> None:
-        """Split one chunk read at ``self._read_pos`` into lines, keeping the unterminated rest."""
+    def _feed(self, data: bytes, blocks: list[bytes]) -> None:
+        """Cut one chunk read at ``self._read_pos`` into a block of lines and the unterminated rest."""
         start = 0
         if self._discarding:
             newline = data.find(b"\n")
@@ -222,26 +250,18 @@ class LogFollower:
         if last < 0:
             self._partial += data[start:]
         else:
-            block = bytes(self._partial) + data[start:last]
+            blocks.append(bytes(self._partial) + data[start:last])
             self._partial = bytearray(data[last + 1 :])
             self._line_start = self._read_pos + last + 1
-            for line in block.split(b"\n"):
-                self._emit(line, lines)
         if len(self._partial) > self._max_line:
             # Bound the memory a line without end can take: drop it up to its newline.
             self._skip_long_line()
             self._partial.clear()
             self._discarding = True
 
-    def _emit(self, line: bytes, lines: list[bytes]) -> None:
-        if len(line) > self._max_line:
-            self._skip_long_line()
-        else:
-            lines.append(line[:-1] if line.endswith(b"\r") else line)
-
-    def _flush_partial(self, lines: list[bytes]) -> None:
+    def _flush_partial(self, blocks: list[bytes]) -> None:
         if self._partial:
-            self._emit(bytes(self._partial), lines)
+            blocks.append(bytes(self._partial))
         self._partial.clear()
         self._discarding = False
         self._line_start = self._read_pos

@@ -16,6 +16,8 @@ import math
 import re
 from collections.abc import Sequence
 
+import orjson
+
 from ckptd.errors import ConfigError, MalformedLine
 from ckptd.records import LogEvent
 
@@ -28,10 +30,17 @@ _AUTO_STEP_KEYS = (_MS_SWIFT_STEP, "step", "global_step")
 _SUMMARY_KEYS = frozenset({"log_history", "best_model_checkpoint", "last_model_checkpoint"})
 _INTEGRAL_TEXT = re.compile(r"([0-9]+)(?:\.0*)?")
 _PREVIEW_BYTES = 200
+_DECODER = json.JSONDecoder()
+_NUMBER_TYPES = (int, float)
 
 
 def _as_step(value: object) -> int | None:
     """A non-negative integer step from an int, or a float/str holding an exact integer."""
+    # The common cases first, by exact type (bool is not int here): this runs per eval line.
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is str and value.isdigit() and value.isascii():
+        return int(value)
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
@@ -69,11 +78,41 @@ class JsonlFormat:
                 raise ConfigError(f"step key {step_key!r} has an empty part")
             self._step_path = parts
 
+    def candidate_lines(self, block: bytes) -> list[bytes]:
+        """The lines of ``block`` (lines joined by ``\\n``) that ``parse`` can turn into an event.
+
+        With watched metrics, those naming one, found by ``bytes.find`` over the whole block
+        so the other lines never become Python objects; non-ASCII lines too, so that
+        garbage is still counted. In file order.
+        """
+        if not self._needles:
+            return block.split(b"\n")
+        found: dict[int, bytes] = {}
+        for needle in self._needles:
+            position = block.find(needle)
+            while position >= 0:
+                start = block.rfind(b"\n", 0, position) + 1
+                end = block.find(b"\n", position)
+                end = len(block) if end < 0 else end
+                found[start] = block[start:end]
+                position = block.find(needle, end)
+        if not block.isascii():
+            offset = 0
+            for line in block.split(b"\n"):
+                if not line.isascii():
+                    found[offset] = line
+                offset += len(line) + 1
+        return [found[start] for start in sorted(found)]
+
     def parse(self, line: bytes) -> LogEvent | None:
         if self._needles and not any(needle in line for needle in self._needles):
             if not line.isascii():  # rare and cheap to check: garbage is still counted
                 _decode_text(line)
             return None
+        return self.parse_candidate(line)
+
+    def parse_candidate(self, line: bytes) -> LogEvent | None:
+        """``parse`` for a line ``candidate_lines`` picked: the filter is already applied."""
         obj = _decode_object(line)
         if obj is None or not _SUMMARY_KEYS.isdisjoint(obj):
             return None
@@ -84,12 +123,7 @@ class JsonlFormat:
         step = _as_step(raw_step)
         if step is None:
             return None
-        metrics: dict[str, float] = {}
-        for key, value in obj.items():
-            number = _as_metric(value)
-            if number is not None and key != step_key:
-                metrics[key] = number
-        return LogEvent(step, metrics)
+        return LogEvent(step, _metrics(obj, step_key))
 
     def _find_step(self, obj: dict[str, object]) -> tuple[str, object] | None:
         """The top-level key the step came from and its raw value."""
@@ -109,28 +143,55 @@ class JsonlFormat:
         return None
 
 
+def _metrics(obj: dict[str, object], step_key: str) -> dict[str, float]:
+    try:
+        # Exact types: json gives int and float, and bool (a subclass of int) is no metric.
+        metrics = {k: float(v) for k, v in obj.items() if type(v) in _NUMBER_TYPES}  # type: ignore[arg-type]
+    except OverflowError:  # an integer beyond float range: leave that one out
+        metrics = {k: m for k, v in obj.items() if (m := _as_metric(v)) is not None}
+    metrics.pop(step_key, None)
+    return metrics
+
+
 def _decode_object(line: bytes) -> dict[str, object] | None:
     """The JSON object on ``line``; ``None`` for a blank line; :class:`MalformedLine` otherwise."""
-    text = _decode_text(line)
-    if not text.strip():
-        return None
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and integers too long to convert; RecursionError
-        # a line nested thousands of levels deep.
-        raise MalformedLine("json", f"not valid JSON: {exc}") from exc
+        obj = orjson.loads(line)  # ~6x the stdlib's speed on a typical eval line
+    except orjson.JSONDecodeError:
+        # orjson is strict RFC 8259; Python loggers write NaN and Infinity, and a line may
+        # be blank, carry a BOM or be garbage. The stdlib reads or names all of those.
+        obj = _decode_leniently(line)
+        if obj is None:
+            return None
     if not isinstance(obj, dict):
         raise MalformedLine("not-object", f"expected a JSON object, got {_json_type(obj)}")
     return obj
 
 
+def _decode_leniently(line: bytes) -> object:
+    text = _decode_text(line).strip()
+    if not text:
+        return None
+    try:
+        # raw_decode skips json.loads' own whitespace scans: ~35% faster per line.
+        obj, end = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers too long to convert; RecursionError
+        # a line nested thousands of levels deep.
+        raise MalformedLine("json", f"not valid JSON: {exc}") from exc
+    if end != len(text):
+        raise MalformedLine("json", f"not valid JSON: extra data at column {end + 1}")
+    return obj
+
+
 def _decode_text(line: bytes) -> str:
     try:
-        # utf-8-sig: a byte order mark at the start of the file is not part of the JSON.
-        return line.decode("utf-8-sig")
+        text = line.decode()
     except UnicodeDecodeError as exc:
         raise MalformedLine("utf8", f"invalid UTF-8 at byte {exc.start}: {exc.reason}") from exc
+    # A byte order mark at the start of the file is not part of the JSON. (Stripped by
+    # hand: the utf-8-sig codec is a Python-level codec, 50x slower than utf-8.)
+    return text[1:] if text.startswith("\ufeff") else text
 
 
 def _json_type(value: object) -> str:

@@ -75,16 +75,28 @@ class LineSource:
 
     def read_events(self) -> list[LogEvent]:
         events = []
-        parse = self.format.parse
-        for line in self._follower.read_lines():
-            try:
-                event = parse(line)
-            except MalformedLine as exc:
-                self.malformed.record(exc, line[:_PREVIEW_BYTES])
-                continue
-            if event is not None:
-                events.append(event)
+        # A line a format picked out of a block skips its filter a second time.
+        parse = getattr(self.format, "parse_candidate", self.format.parse)
+        while blocks := self._follower.read_blocks():
+            for block in blocks:
+                for raw in self._candidates(block):
+                    line = self._follower.accept(raw)
+                    if line is None:
+                        continue
+                    try:
+                        event = parse(line)
+                    except MalformedLine as exc:
+                        self.malformed.record(exc, line[:_PREVIEW_BYTES])
+                        continue
+                    if event is not None:
+                        events.append(event)
         return events
+
+    def _candidates(self, block: bytes) -> list[bytes]:
+        # A format that can pick its lines out of a block (JSONL with watched metrics) is
+        # asked to: most lines of a training log are never looked at one by one.
+        pick = getattr(self.format, "candidate_lines", None)
+        return pick(block) if pick is not None else block.split(b"\n")
 
     def cursor(self) -> dict[str, Any] | None:
         cursor = self._follower.cursor
