@@ -271,3 +271,35 @@ def test_demo_keeps_the_best_at_its_exact_step(tmp_path: Path, shm_root: Path) -
     assert proof, done.stdout
     assert int(proof.group(1)) % 200 != 0, "the demo must show a best that periodic saving misses"
     assert re.search(r"eval_loss recomputed (\S+) == logged \1: True", done.stdout), done.stdout
+
+
+@pytest.mark.parametrize("mode", [[], ["--poll", "--poll-interval", "0.02"]], ids=["inotify", "polling"])
+def test_every_best_is_judged_once_through_rotation_and_truncation(
+    tmp_path: Path, daemons, shm_root: Path, mode: list[str]
+) -> None:
+    import random
+
+    rng = random.Random(7)
+    evals = [[step, round(rng.uniform(0.1, 2.0) / (1 + step / 500), 6)] for step in range(10, 1210, 10)]
+    bests, best = [], float("inf")
+    for step, loss in evals:
+        if loss < best:
+            bests.append(step)
+            best = loss
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run, *mode)
+    writer = subprocess.run(
+        [sys.executable, str(PROGRAMS / "rotating_writer.py"), str(run / "logging.jsonl"), json.dumps(evals)],
+        timeout=60,
+    )
+    assert writer.returncode == 0
+    last = evals[-1][0]
+    wait_for(lambda: json.loads(RunPaths(run).state.read_text())["judged_step"] == last, what="the last eval")
+    assert daemon.stop() == 0
+    verdicts = re.findall(r"step (\d+): (snapshot|skip)", daemon.log())
+    judged = [int(step) for step, _ in verdicts]
+    assert judged == [step for step, _ in evals], "every eval judged exactly once, in order"
+    assert [int(step) for step, action in verdicts if action == "snapshot"] == bests
+    state = json.loads(RunPaths(run).state.read_text())
+    assert state["bests"]["eval_loss"] == {"step": bests[-1], "value": dict(evals)[bests[-1]]}

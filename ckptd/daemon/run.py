@@ -255,7 +255,9 @@ class RunDaemon:
         )
         if verdict is not None:
             self._last_verdict = verdict
-            self._save_state()
+            # Right after each verdict, so a killed daemon never re-issues it; without the
+            # fsyncs, which cost milliseconds per eval: the heartbeat makes it durable.
+            self._save_state(durable=False)
 
     # -- persist ------------------------------------------------------------------------------
 
@@ -324,9 +326,9 @@ class RunDaemon:
         self._last_error = message
         log.error("%s", message)
 
-    def _save_state(self) -> None:
+    def _save_state(self, *, durable: bool = True) -> None:
         self._state = self._state.with_(cursor=self._source.cursor())
-        save_state(self.paths.state, self._state)
+        save_state(self.paths.state, self._state, durable=durable)
 
     def _write_status(self, state: str = "running") -> None:
         cursor = self._source.cursor() or {}

@@ -88,5 +88,6 @@ def load_state(path: Path) -> DaemonState | None:
         return None
 
 
-def save_state(path: Path, state: DaemonState) -> None:
-    atomic_write_json(path, state.to_json(), durable=True)
+def save_state(path: Path, state: DaemonState, *, durable: bool = True) -> None:
+    """Replace the state file; ``durable=False`` survives a killed daemon, not a power cut."""
+    atomic_write_json(path, state.to_json(), durable=durable)
