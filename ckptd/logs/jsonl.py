@@ -23,8 +23,8 @@ from ckptd.records import LogEvent
 
 logger = logging.getLogger("ckptd.logs")
 
-_MS_SWIFT_STEP = "global_step/max_steps"
-_AUTO_STEP_KEYS = (_MS_SWIFT_STEP, "step", "global_step")
+MS_SWIFT_STEP = "global_step/max_steps"
+AUTO_STEP_KEYS = (MS_SWIFT_STEP, "step", "global_step")
 # Keys of ms-swift's (and HF's trainer_state.json) end-of-run summary: it repeats the
 # whole history and carries a step, but it is not an eval to judge.
 _SUMMARY_KEYS = frozenset({"log_history", "best_model_checkpoint", "last_model_checkpoint"})
@@ -34,7 +34,7 @@ _DECODER = json.JSONDecoder()
 _NUMBER_TYPES = (int, float)
 
 
-def _as_step(value: object) -> int | None:
+def as_step(value: object) -> int | None:
     """A non-negative integer step from an int, or a float/str holding an exact integer."""
     # The common cases first, by exact type (bool is not int here): this runs per eval line.
     if type(value) is int:
@@ -53,7 +53,7 @@ def _as_step(value: object) -> int | None:
     return None
 
 
-def _as_metric(value: object) -> float | None:
+def as_metric(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
@@ -107,7 +107,7 @@ class JsonlFormat:
     def parse(self, line: bytes) -> LogEvent | None:
         if self._needles and not any(needle in line for needle in self._needles):
             if not line.isascii():  # rare and cheap to check: garbage is still counted
-                _decode_text(line)
+                decode_text(line)
             return None
         return self.parse_candidate(line)
 
@@ -120,7 +120,7 @@ class JsonlFormat:
         if found is None:
             return None
         step_key, raw_step = found
-        step = _as_step(raw_step)
+        step = as_step(raw_step)
         if step is None:
             return None
         return LogEvent(step, _metrics(obj, step_key))
@@ -134,10 +134,10 @@ class JsonlFormat:
                     return None
                 value = value[part]
             return self._step_path[0], value
-        for key in _AUTO_STEP_KEYS:
+        for key in AUTO_STEP_KEYS:
             if key in obj:
                 value = obj[key]
-                if key == _MS_SWIFT_STEP and isinstance(value, str):
+                if key == MS_SWIFT_STEP and isinstance(value, str):
                     value = value.partition("/")[0]
                 return key, value
         return None
@@ -148,7 +148,7 @@ def _metrics(obj: dict[str, object], step_key: str) -> dict[str, float]:
         # Exact types: json gives int and float, and bool (a subclass of int) is no metric.
         metrics = {k: float(v) for k, v in obj.items() if type(v) in _NUMBER_TYPES}  # type: ignore[arg-type]
     except OverflowError:  # an integer beyond float range: leave that one out
-        metrics = {k: m for k, v in obj.items() if (m := _as_metric(v)) is not None}
+        metrics = {k: m for k, v in obj.items() if (m := as_metric(v)) is not None}
     metrics.pop(step_key, None)
     return metrics
 
@@ -169,7 +169,7 @@ def _decode_object(line: bytes) -> dict[str, object] | None:
 
 
 def _decode_leniently(line: bytes) -> object:
-    text = _decode_text(line).strip()
+    text = decode_text(line).strip()
     if not text:
         return None
     try:
@@ -184,7 +184,7 @@ def _decode_leniently(line: bytes) -> object:
     return obj
 
 
-def _decode_text(line: bytes) -> str:
+def decode_text(line: bytes) -> str:
     try:
         text = line.decode()
     except UnicodeDecodeError as exc:
