@@ -1,8 +1,9 @@
 """The ``ckptd`` command line: run the daemon, query the store, run the demo.
 
-Exit codes: 0 success; 1 nothing to show (e.g. no best checkpoint yet);
-2 bad usage or configuration; 3 another daemon already follows the run;
-4 the store or a file in it could not be read or written.
+Exit codes: 0 success; 1 nothing to show (no best checkpoint yet, no live daemon
+for ``status``); 2 bad usage or configuration; 3 another daemon already follows
+the run; 4 the store or a file in it could not be read or written; 5 ``verify``
+found a checkpoint whose files do not match its manifest.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 from ckptd import __version__
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
-from ckptd.protocol import RunPaths
+from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
 
-EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE, EXIT_CORRUPT = 0, 1, 2, 3, 4, 5
 
 _EPILOG = """\
 examples:
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_run(commands)
     _add_ls(commands)
     _add_best(commands)
+    _add_status(commands)
+    _add_verify(commands)
     _add_demo(commands)
     return parser
 
@@ -105,8 +108,18 @@ def _add_run(commands: Any) -> None:
     kept.add_argument("--store", help="checkpoint directory (default: RUN_DIR/checkpoints)")
     read = run.add_argument_group("what is read")
     read.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
-    read.add_argument("--format", default="auto", choices=FORMATS, help="log format (default: auto)")
+    read.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="log format (default: auto, from the name and first line)",
+    )
     read.add_argument("--step-key", help="dotted JSON key holding the step (default: auto)")
+    read.add_argument(
+        "--regex",
+        metavar="PATTERN",
+        help=r"read a text log with a regex: a (?P<step>\d+) group and one group per metric",
+    )
     read.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
     read.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds (0.5)")
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
@@ -139,6 +152,32 @@ def _add_best(commands: Any) -> None:
     best.add_argument("--metric", help="metric[:min|max] (default: what the daemon judges)")
     best.add_argument("--json", action="store_true", help="the checkpoint as a JSON object")
     best.set_defaults(handler=_cmd_best)
+
+
+def _add_status(commands: Any) -> None:
+    status = commands.add_parser(
+        "status",
+        help="is a daemon following RUN_DIR, and how is it doing",
+        description="Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, "
+        "persists, errors. Exit status 1 when no live daemon follows the run.",
+    )
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true", help="status.json plus alive and heartbeat_age_s")
+    status.set_defaults(handler=_cmd_status)
+
+
+def _add_verify(commands: Any) -> None:
+    verify = commands.add_parser(
+        "verify",
+        help="re-hash retained checkpoints against their manifests",
+        description="Read every file of each retained checkpoint (or the named ones) and compare its "
+        "size and sha256 with MANIFEST.json. Exit status 5 when one does not match.",
+    )
+    verify.add_argument("run_dir", metavar="RUN_DIR")
+    verify.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to verify (default: all)")
+    verify.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
+    verify.add_argument("--json", action="store_true", help="one object per checkpoint, for scripts")
+    verify.set_defaults(handler=_cmd_verify)
 
 
 def _add_demo(commands: Any) -> None:
@@ -178,6 +217,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         every_steps=args.every_steps,
         log_format=args.format,
         step_key=args.step_key,
+        regex=args.regex,
         poll=args.poll,
         poll_interval=args.poll_interval,
     )
@@ -234,6 +274,63 @@ def _cmd_best(args: argparse.Namespace) -> int:
         return EXIT_EMPTY
     print(json.dumps(_record_json(store, best), indent=1) if args.json else store.path_of(best.name))
     return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    paths = RunPaths(Path(args.run_dir))
+    if not paths.run_dir.is_dir():
+        raise ConfigError(f"run directory {paths.run_dir} does not exist")
+    age = heartbeat_age(paths)
+    try:
+        status = json.loads(paths.status.read_bytes()) if age is not None else {}
+    except (OSError, ValueError):
+        status = {}
+    alive = age is not None and age <= STALE_AFTER_S
+    if args.json:
+        print(json.dumps({**status, "alive": alive, "heartbeat_age_s": age}, indent=1))
+    elif age is None:
+        print(f"no ckptd daemon has followed {paths.run_dir}")
+    else:
+        _print_status(status, alive, age)
+    return EXIT_OK if alive else EXIT_EMPTY
+
+
+def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
+    state = "running" if alive else f"not running ({status.get('state', 'no heartbeat')})"
+    print(f"daemon      {state}, pid {status.get('pid')} on {status.get('host')}")
+    if alive:
+        print(f"heartbeat   {age:.1f} s ago, RSS {_fmt_bytes(int(status.get('rss_bytes') or 0))}")
+    print(f"log         {status.get('log')} ({status.get('log_format')}, {status.get('watcher')})")
+    print(f"lag         {status.get('log_lag_bytes')} bytes unread")
+    for metric, best in (status.get("bests") or {}).items():
+        print(f"best        {metric} {_fmt_metric(best.get('value'))} at step {best.get('step')}")
+    verdict = status.get("last_verdict")
+    if verdict:
+        print(f"last        step {verdict['eval_step']}: {verdict['action']} ({verdict['reason']})")
+    print(f"persisted   {status.get('persisted')} checkpoint(s), {status.get('pending_acks')} pending")
+    malformed = status.get("malformed_lines") or {}
+    if malformed:
+        print("malformed   " + ", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items())))
+    if status.get("last_error"):
+        print(f"last error  {status['last_error']}")
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    store = _store_for(args)
+    names = args.names or [r.name for r in store.list()]
+    results = []
+    for name in names:
+        started = time.monotonic()
+        problems = store.verify(name)
+        results.append({"name": name, "ok": not problems, "problems": problems})
+        if not args.json:
+            verdict = "ok" if not problems else "CORRUPT: " + "; ".join(problems)
+            print(f"{name}  {verdict}  ({time.monotonic() - started:.1f} s)", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    elif not names:
+        print(f"no checkpoints in {store.root}", file=sys.stderr)
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_CORRUPT
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.errors import ConfigError
+from ckptd.logs.regex import RegexFormat
 from ckptd.protocol import HEARTBEAT_INTERVAL_S, RunPaths
 from ckptd.records import Criterion
 
@@ -22,6 +23,7 @@ class RunConfig:
     every_steps: int | None = None
     log_format: str = "auto"
     step_key: str | None = None
+    regex: str | None = None
     poll: bool = False
     poll_interval: float = 0.5
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
@@ -49,6 +51,7 @@ class RunConfig:
         every_steps: int | None = None,
         log_format: str = "auto",
         step_key: str | None = None,
+        regex: str | None = None,
         poll: bool = False,
         poll_interval: float = 0.5,
     ) -> RunConfig:
@@ -66,6 +69,8 @@ class RunConfig:
         if len(set(metrics)) != len(metrics):
             raise ConfigError(f"each metric may be watched once; got {', '.join(metrics)}")
         _check_counts(keep_last=keep_last, keep_every=keep_every, every_steps=every_steps)
+        if regex is not None:
+            RegexFormat(regex)  # a bad pattern is a usage error now, not when the daemon starts
         if poll_interval <= 0:
             raise ConfigError(f"--poll-interval must be > 0 seconds, not {poll_interval}")
         store_path = (run / store if store else RunPaths(run).default_store).resolve()
@@ -81,6 +86,7 @@ class RunConfig:
             every_steps=every_steps,
             log_format=log_format,
             step_key=step_key,
+            regex=regex,
             poll=poll,
             poll_interval=poll_interval,
         )

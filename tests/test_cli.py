@@ -13,7 +13,7 @@ from ckptd.config import RunConfig, parse_best
 from ckptd.errors import ConfigError
 from ckptd.records import Criterion
 from ckptd.store import Store
-from tests.conftest import PROGRAMS
+from tests.conftest import PROGRAMS, wait_for
 
 
 def ckptd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -125,3 +125,46 @@ def test_two_criteria_share_one_checkpoint_and_keep_their_own_bests(
     best_acc = ckptd("best", str(run), "--metric", "eval_acc:max")
     assert best_acc.stdout.strip().endswith("step-00000030")
     assert ckptd("best", str(run)).stdout.strip().endswith("step-00000020")  # the first criterion
+
+
+def test_status_tells_a_live_daemon_from_a_stopped_one(tmp_path: Path, daemons, shm_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert ckptd("status", str(run)).returncode == 1  # never followed
+    daemon = daemons(run)
+    (run / "logging.jsonl").write_text(json.dumps({"step": 5, "eval_loss": 0.5}) + "\n")
+
+    def reported() -> dict[str, object]:
+        return json.loads(ckptd("status", str(run), "--json").stdout)
+
+    wait_for(lambda: reported().get("bests", {}).get("eval_loss", {}).get("step") == 5, what="a heartbeat")
+    live = ckptd("status", str(run))
+    assert live.returncode == 0 and "running" in live.stdout and "eval_loss 0.5 at step 5" in live.stdout
+    assert reported()["pid"] == daemon.proc.pid and reported()["alive"] is True
+    assert daemon.stop() == 0
+    stopped = ckptd("status", str(run), "--json")
+    assert stopped.returncode == 1
+    assert json.loads(stopped.stdout)["alive"] is False and json.loads(stopped.stdout)["state"] == "stopped"
+
+
+def test_verify_finds_a_flipped_byte(tmp_path: Path) -> None:
+    store = Store(tmp_path / "checkpoints")
+    source = tmp_path / "blob"
+    source.write_bytes(b"x" * 1000)
+    for step in (100, 200):
+        with store.writing(step) as pending:
+            pending.copy_in("tensors.safetensors", source, 1000)
+            store.commit(pending, {"tags": []})
+    assert ckptd("verify", str(tmp_path)).returncode == 0
+    target = store.path_of("step-00000200") / "tensors.safetensors"
+    data = bytearray(target.read_bytes())
+    data[500] ^= 1
+    target.write_bytes(bytes(data))
+    done = ckptd("verify", str(tmp_path))
+    assert done.returncode == 5
+    assert "step-00000100  ok" in done.stdout
+    assert "step-00000200  CORRUPT: tensors.safetensors: sha256 mismatch" in done.stdout
+    report = json.loads(ckptd("verify", str(tmp_path), "step-00000200", "--json").stdout)
+    assert report == [
+        {"name": "step-00000200", "ok": False, "problems": ["tensors.safetensors: sha256 mismatch"]}
+    ]

@@ -117,6 +117,7 @@ class RunDaemon:
             self.config.log_format,
             watched=[c.metric for c in self.config.criteria],
             step_key=self.config.step_key,
+            regex=self.config.regex,
             cursor=self._state.cursor,
         )
         self._persister = Persister(
