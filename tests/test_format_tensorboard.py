@@ -344,3 +344,17 @@ def test_report_rss_of_the_reader(tmp_path: Path, capsys: pytest.CaptureFixture[
     before, after = (int(n) / 2**20 for n in out.stdout.split())
     with capsys.disabled():
         print(f"\nRSS: daemon imports {before:.1f} MiB; + TensorBoard reader {after - before:.1f} MiB")
+
+
+def test_a_runs_directory_is_followed_into_the_run_folders_hf_creates(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    shutil.copytree(HF / "runs", runs)  # runs/<date>_<host>/events.out.tfevents.*
+    source = TensorBoardSource(runs)
+    first = {e.step: e.metrics for e in source.read_events()}
+    assert first[200]["eval_loss"] == pytest.approx(1.7705039978027344, rel=1e-6)
+    later = runs / "Nov28_09-00-00_vm"
+    later.mkdir()
+    shutil.copy(FIXTURE, later / "events.out.tfevents.2.vm")
+    again = {e.step for e in source.read_events()}
+    assert again == set(first), "a second run's file, in its own folder, is read from its start"
+    assert any("Nov28" in name for name in source.cursor()["files"])

@@ -303,3 +303,63 @@ def test_every_best_is_judged_once_through_rotation_and_truncation(
     assert [int(step) for step, action in verdicts if action == "snapshot"] == bests
     state = json.loads(RunPaths(run).state.read_text())
     assert state["bests"]["eval_loss"] == {"step": bests[-1], "value": dict(evals)[bests[-1]]}
+
+
+def test_daemon_follows_hf_tensorboard_runs_into_a_new_run_folder(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    import shutil
+
+    from tests.conftest import SHARED_FIXTURES
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(SHARED_FIXTURES / "hf-trainer" / "runs", run / "runs")
+    paths = RunPaths(run)
+    daemon = daemons(run, "--log", "runs")
+    wait_for(lambda: json.loads(paths.status.read_text())["log_format"] == "tensorboard")
+    state = json.loads(paths.state.read_text())
+    assert state["bests"]["eval_loss"]["step"] == 200  # caught up on the history, judged nothing
+    assert read_control(paths.control).verdict is None
+    writer_code = (
+        "import sys; from torch.utils.tensorboard import SummaryWriter\n"
+        "w = SummaryWriter(sys.argv[1]); w.add_scalar('eval/loss', 1.5, 220); w.flush(); w.close()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", writer_code, str(run / "runs" / "Nov28_resumed")], timeout=60
+    )
+    assert done.returncode == 0
+    wait_for(lambda: _verdict(paths) == (220, "snapshot"), what="the verdict on the new run folder")
+    assert daemon.stop() == 0
+
+
+def test_daemon_follows_lightning_csv_through_its_header_rewrites(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    from tests.conftest import SHARED_FIXTURES
+
+    lightning = SHARED_FIXTURES / "lightning"
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    metrics = run / "logs" / "metrics.csv"
+    daemon = daemons(run, "--log", "logs/metrics.csv", "--metric", "val_loss")
+    paths = RunPaths(run)
+    for version in ("metrics_before_first_val.csv", "metrics_before_rewrite.csv"):
+        metrics.write_bytes((lightning / version).read_bytes())  # Lightning rewrites in place
+        time.sleep(0.3)
+    metrics.write_bytes((lightning / "lightning_logs" / "version_0" / "metrics.csv").read_bytes())
+    expected = _val_losses(lightning / "lightning_logs" / "version_0" / "metrics.csv")
+    last = max(expected)
+    wait_for(lambda: json.loads(paths.state.read_text())["judged_step"] == last, what="the last validation")
+    assert daemon.stop() == 0
+    judged = [int(s) for s, _ in re.findall(r"step (\d+): (snapshot|skip)", daemon.log())]
+    assert judged == sorted(expected), "each validation judged once, the rewrites not re-judged"
+    best = min(expected, key=expected.__getitem__)
+    assert json.loads(paths.state.read_text())["bests"]["val_loss"] == {"step": best, "value": expected[best]}
+
+
+def _val_losses(csv_path: Path) -> dict[int, float]:
+    import csv
+
+    with csv_path.open() as handle:
+        return {int(row["step"]): float(row["val_loss"]) for row in csv.DictReader(handle) if row["val_loss"]}

@@ -130,6 +130,7 @@ class RunDaemon:
         # Catch up first: history establishes the best, it is never judged as news.
         self._follow(live=False)
         self._publish(verdict=None)  # a fresh control: no stale verdict for a new trainer
+        self._save_state()
         self._write_status()
         self._persister.start()
         self._submit_acks()

@@ -302,7 +302,7 @@ _WAKING_EVENTS: list[type[FileSystemEvent]] = [
 
 
 class _WakeOnPath(FileSystemEventHandler):
-    """Calls ``wake`` for events that touch the target path (or, with ``children``, any file in it)."""
+    """Calls ``wake`` for events that touch the target path (or, with ``children``, any file below it)."""
 
     def __init__(self, target: str, wake: Callable[[], None], children: bool) -> None:
         self._target = target
@@ -314,8 +314,10 @@ class _WakeOnPath(FileSystemEventHandler):
             return
         paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path)} - {""}
         if self._children:
-            paths = {os.path.dirname(p) for p in paths}
-        if self._target in paths:
+            inside = any(p.startswith(self._target + os.sep) for p in paths)
+        else:
+            inside = self._target in paths
+        if inside:
             _call_wake(self._wake)
 
 
@@ -340,9 +342,10 @@ class ChangeWatcher:
 
     Watches the parent directory, which must exist, so the file may appear, be rotated or
     be deleted. With ``children=True`` the path is a directory, which must exist, and any
-    file created, changed, moved or deleted directly inside it wakes. Uses inotify (through
-    watchdog); with ``poll=True``, or when inotify cannot start (instance or watch limits,
-    no inotify on this system), polls the path's (inode, size, mtime) every
+    file created, changed, moved or deleted in it or in a folder below it wakes (polling
+    sees only the directory's own entries change; the daemon's heartbeat reads the rest).
+    Uses inotify (through watchdog); with ``poll=True``, or when inotify cannot start
+    (instance or watch limits, no inotify on this system), polls the path's (inode, size, mtime) every
     ``poll_interval`` seconds instead (a directory's mtime moves when an entry changes).
     """
 
@@ -411,7 +414,7 @@ class ChangeWatcher:
         observer.schedule(
             _WakeOnPath(self._target, self._wake, self._children),
             self._target if self._children else os.path.dirname(self._target),
-            recursive=False,
+            recursive=self._children,
             event_filter=_WAKING_EVENTS,
         )
         try:

@@ -7,9 +7,10 @@ values into log events, one per step.
 
 What it reads:
 
-- ``path`` an existing directory: every ``events.out.tfevents.*`` file directly in it, in name
-  order, files that appear later from their start. Not recursive: HF writes into
-  ``<output_dir>/runs/<date>_<host>/``, and that subdirectory is the one to name.
+- ``path`` an existing directory: every ``events.out.tfevents.*`` file in it or in any folder
+  below it, in path order, files that appear later from their start. Recursive because HF
+  writes into ``<output_dir>/runs/<date>_<host>/``, a folder named only once training starts:
+  ``--log runs`` follows every run under it.
 - ``path`` anything else: that one event file (it may not exist yet).
 
 Metric names are the tags as written (``eval/loss``); each ``eval/<name>`` tag also yields the
@@ -121,11 +122,15 @@ class TensorBoardSource:
     def _event_files(self) -> list[str]:
         if not self.watch_children:
             return [self.watch_path.name]
-        try:
-            with os.scandir(self._dir) as entries:
-                return sorted(e.name for e in entries if e.name.startswith(EVENT_FILE_PREFIX) and e.is_file())
-        except FileNotFoundError:
-            return []
+        found = []
+        for folder, subfolders, files in os.walk(self._dir):
+            subfolders.sort()
+            found += [
+                os.path.relpath(os.path.join(folder, name), self._dir)
+                for name in files
+                if name.startswith(EVENT_FILE_PREFIX)
+            ]
+        return sorted(found)
 
     def _read_file(self, name: str, state: _EventFile, merged: Metrics) -> None:
         errors = self._tb.errors
