@@ -84,17 +84,16 @@ def _copy_hashing(fd: int, nbytes: int, dst: BinaryIO, digest: Any) -> None:
     Both ``write`` and ``sha256.update`` release the GIL on large buffers, so hashing
     overlaps the disk instead of following it, and the mapping spares a read copy.
     """
-    with mmap.mmap(fd, nbytes, prot=mmap.PROT_READ) as mapped:
-        view = memoryview(mapped)
-        try:
-            for offset in range(0, nbytes, _CHUNK):
-                chunk = view[offset : offset + _CHUNK]
+    # Every view is released, and the hash finished, before the mapping closes, also when
+    # the write fails (a full disk): else closing the mapping raises over the real error.
+    with mmap.mmap(fd, nbytes, prot=mmap.PROT_READ) as mapped, memoryview(mapped) as view:
+        for offset in range(0, nbytes, _CHUNK):
+            with view[offset : offset + _CHUNK] as chunk:
                 hashing = _HASHER.submit(digest.update, chunk)
-                dst.write(chunk)
-                hashing.result()
-                chunk.release()
-        finally:
-            view.release()
+                try:
+                    dst.write(chunk)
+                finally:
+                    hashing.result()
 
 
 class Store:

@@ -293,7 +293,8 @@ class RunDaemon:
         if outcome.error is not None:
             self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
             self._error(
-                f"persisting step {outcome.job.ack.captured_step} failed: {outcome.error}; "
+                f"persisting step {outcome.job.ack.captured_step} into {self.config.store} "
+                f"failed: {outcome.error}; "
                 f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s"
             )
             return
