@@ -15,6 +15,7 @@ import os
 import queue
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ class RunDaemon:
         self.store = Store(config.store)
         self._wakeups: queue.Queue[Wake] = queue.Queue()
         self._stopping: str | None = None
+        self._stop_requested = threading.Event()
         self._queued: set[str] = set()  # ack file names the persister has and has not reported on
         self._retry_at: dict[str, float] = {}  # ack file name -> monotonic time of the next try
         self._evals: dict[int, dict[str, float]] = {}
@@ -83,7 +85,8 @@ class RunDaemon:
     # -- the public face -------------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
-        """Safe from a signal handler: it only enqueues."""
+        """Safe from a signal handler: it only enqueues (and raises a flag a long read checks)."""
+        self._stop_requested.set()
         self._wakeups.put(Wake("stop", reason))
 
     def run(self) -> int:
@@ -223,8 +226,12 @@ class RunDaemon:
     # -- follow and judge --------------------------------------------------------------------
 
     def _follow(self, *, live: bool) -> None:
-        for event in self._source.read_events():
-            self._on_event(event, live=live)
+        """Judge what the log gained, a stretch at a time; a stop request is heard in between."""
+        while True:
+            for event in self._source.read_events():
+                self._on_event(event, live=live)
+            if not self._source.behind or self._stop_requested.is_set():
+                return
 
     def _on_event(self, event: LogEvent, *, live: bool) -> None:
         self._remember(event)

@@ -148,6 +148,10 @@ class _DeferredSource:
             self.name, self.malformed = self._inner.name, self._inner.malformed
         return self._inner.read_events()
 
+    @property
+    def behind(self) -> bool:
+        return self._inner is not None and self._inner.behind
+
     def cursor(self) -> dict[str, Any] | None:
         if self._inner is not None:
             return self._inner.cursor()

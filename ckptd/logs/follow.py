@@ -89,6 +89,7 @@ class LogFollower:
         self.path = Path(path)
         self.rewinds = 0
         self.skipped_long_lines = 0
+        self.at_end = True  # False when the last read_blocks stopped before the end of the file
         self._max_line = max_line_bytes
         self._resume = cursor  # checked against the file when it is first opened
         self._fd: int | None = None
@@ -133,6 +134,7 @@ class LogFollower:
             # held one is finished, so drain it, unterminated last line included.
             blocks = self._read_new(final=True, max_bytes=None)
             self._close_fd()
+        self.at_end = True
         if self._fd is None and (at_path is None or not self._open()):
             return blocks
         return blocks + self._read_new(final=False, max_bytes=max_bytes)
@@ -199,7 +201,8 @@ class LogFollower:
             if not self._same_content(st.st_size):
                 self.rewinds += 1
                 self._reset()
-            if self._read_to_eof(blocks, max_bytes):
+            self.at_end = self._read_to_eof(blocks, max_bytes)
+            if self.at_end:
                 self._seen = (st.st_size, st.st_mtime_ns)
         if final:
             self._flush_partial(blocks)

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -112,7 +113,10 @@ class _NamedFloats(ast.NodeTransformer):
 def _literal_dict(text: str) -> dict[Any, Any]:
     """The dict that ``text`` prints, read as a literal (never evaluated as code)."""
     try:
-        value = ast.literal_eval(_NamedFloats().visit(ast.parse(text, mode="eval")))
+        with warnings.catch_warnings():
+            # A stray backslash in a printed string ("\e") is the trainer's text, not our code.
+            warnings.simplefilter("ignore", (DeprecationWarning, SyntaxWarning))
+            value = ast.literal_eval(_NamedFloats().visit(ast.parse(text, mode="eval")))
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as exc:
         raise MalformedLine("dict", f"looks like a printed dict but is no Python literal: {exc}") from exc
     if not isinstance(value, dict):
@@ -145,6 +149,7 @@ class HfStateSource:
     """The ``log_history`` entries of one ``trainer_state.json`` that are newer than the last returned."""
 
     name = "hf-state"
+    behind = False  # reads everything new at once: these logs are small
     watch_children = False
 
     def __init__(self, path: Path, cursor: Mapping[str, Any] | None = None) -> None:

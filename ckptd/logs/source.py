@@ -40,7 +40,13 @@ class EventSource(Protocol):
     malformed: LineCounter
 
     def read_events(self) -> list[LogEvent]:
-        """Events that appeared since the last call; never raises for bad content."""
+        """Events from the next stretch of what appeared since the last call; never raises for
+        bad content. A source may stop early to bound memory: then ``behind`` is True."""
+        ...
+
+    @property
+    def behind(self) -> bool:
+        """True when the last ``read_events`` left written content unread: call it again."""
         ...
 
     def cursor(self) -> dict[str, Any] | None:
@@ -73,24 +79,32 @@ class LineSource:
     def follower(self) -> LogFollower:
         return self._follower
 
+    @property
+    def behind(self) -> bool:
+        return not self._follower.at_end
+
     def read_events(self) -> list[LogEvent]:
-        events = []
+        """Events of the next ~1 MiB of lines: a backlog (a late start) is judged as it is
+        read, so the daemon's memory stays flat however long the log already is."""
+        events: list[LogEvent] = []
+        for block in self._follower.read_blocks():
+            self._parse_block(block, events)
+        return events
+
+    def _parse_block(self, block: bytes, events: list[LogEvent]) -> None:
         # A line a format picked out of a block skips its filter a second time.
         parse = getattr(self.format, "parse_candidate", self.format.parse)
-        while blocks := self._follower.read_blocks():
-            for block in blocks:
-                for raw in self._candidates(block):
-                    line = self._follower.accept(raw)
-                    if line is None:
-                        continue
-                    try:
-                        event = parse(line)
-                    except MalformedLine as exc:
-                        self.malformed.record(exc, line[:_PREVIEW_BYTES])
-                        continue
-                    if event is not None:
-                        events.append(event)
-        return events
+        for raw in self._candidates(block):
+            line = self._follower.accept(raw)
+            if line is None:
+                continue
+            try:
+                event = parse(line)
+            except MalformedLine as exc:
+                self.malformed.record(exc, line[:_PREVIEW_BYTES])
+                continue
+            if event is not None:
+                events.append(event)
 
     def _candidates(self, block: bytes) -> list[bytes]:
         # A format that can pick its lines out of a block (JSONL with watched metrics) is

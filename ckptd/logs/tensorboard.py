@@ -93,6 +93,7 @@ class TensorBoardSource:
     """Scalars from the TensorBoard event files at ``path`` (a directory, or one file)."""
 
     name = "tensorboard"
+    behind = False  # reads everything new at once: these logs are small
 
     def __init__(self, path: Path, cursor: Mapping[str, Any] | None = None) -> None:
         self._tb = _import_tensorboard()
