@@ -126,58 +126,70 @@ def _add_run(commands: Any) -> None:
     run.set_defaults(handler=_cmd_run)
 
 
+def _query(commands: Any, name: str, handler: Any, summary: str, description: str, json_help: str) -> Any:
+    """A command that reads one run's files: RUN_DIR, --json, and where they are."""
+    parser = commands.add_parser(name, help=summary, description=description)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_store_option(parser: Any) -> None:
+    parser.add_argument("--store", help="checkpoint directory (default: where the daemon's state says)")
+
+
 def _add_ls(commands: Any) -> None:
-    ls = commands.add_parser(
+    ls = _query(
+        commands,
         "ls",
-        help="list retained checkpoints",
-        description="List committed "
-        "checkpoints of RUN_DIR's store, oldest step first. Works with or "
+        _cmd_ls,
+        "list retained checkpoints",
+        "List committed checkpoints of RUN_DIR's store, oldest step first. Works with or "
         "without a daemon running.",
+        "a JSON list, for scripts",
     )
-    ls.add_argument("run_dir", metavar="RUN_DIR")
-    ls.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
-    ls.add_argument("--json", action="store_true", help="a JSON list, for scripts")
-    ls.set_defaults(handler=_cmd_ls)
+    _add_store_option(ls)
 
 
 def _add_best(commands: Any) -> None:
-    best = commands.add_parser(
+    best = _query(
+        commands,
         "best",
-        help="print the best checkpoint's path",
-        description="Print the path of the retained checkpoint with the best metric value. "
+        _cmd_best,
+        "print the best checkpoint's path",
+        "Print the path of the retained checkpoint with the best metric value. "
         "Exit status 1 when there is none.",
+        "the checkpoint as a JSON object",
     )
-    best.add_argument("run_dir", metavar="RUN_DIR")
-    best.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
+    _add_store_option(best)
     best.add_argument("--metric", help="metric[:min|max] (default: what the daemon judges)")
-    best.add_argument("--json", action="store_true", help="the checkpoint as a JSON object")
-    best.set_defaults(handler=_cmd_best)
 
 
 def _add_status(commands: Any) -> None:
-    status = commands.add_parser(
+    _query(
+        commands,
         "status",
-        help="is a daemon following RUN_DIR, and how is it doing",
-        description="Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, "
+        _cmd_status,
+        "is a daemon following RUN_DIR, and how is it doing",
+        "Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, "
         "persists, errors. Exit status 1 when no live daemon follows the run.",
+        "status.json plus alive and heartbeat_age_s",
     )
-    status.add_argument("run_dir", metavar="RUN_DIR")
-    status.add_argument("--json", action="store_true", help="status.json plus alive and heartbeat_age_s")
-    status.set_defaults(handler=_cmd_status)
 
 
 def _add_verify(commands: Any) -> None:
-    verify = commands.add_parser(
+    verify = _query(
+        commands,
         "verify",
-        help="re-hash retained checkpoints against their manifests",
-        description="Read every file of each retained checkpoint (or the named ones) and compare its "
+        _cmd_verify,
+        "re-hash retained checkpoints against their manifests",
+        "Read every file of each retained checkpoint (or the named ones) and compare its "
         "size and sha256 with MANIFEST.json. Exit status 5 when one does not match.",
+        "one object per checkpoint, for scripts",
     )
-    verify.add_argument("run_dir", metavar="RUN_DIR")
+    _add_store_option(verify)
     verify.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to verify (default: all)")
-    verify.add_argument("--store", help="checkpoint directory (default: from the daemon's state)")
-    verify.add_argument("--json", action="store_true", help="one object per checkpoint, for scripts")
-    verify.set_defaults(handler=_cmd_verify)
 
 
 def _add_demo(commands: Any) -> None:
