@@ -311,7 +311,8 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     state = "running" if alive else f"not running ({status.get('state', 'no heartbeat')})"
     print(f"daemon      {state}, pid {status.get('pid')} on {status.get('host')}")
     if alive:
-        print(f"heartbeat   {age:.1f} s ago, RSS {_fmt_bytes(int(status.get('rss_bytes') or 0))}")
+        rss, anon = (_fmt_bytes(int(status.get(k) or 0)) for k in ("rss_bytes", "rss_anon_bytes"))
+        print(f"heartbeat   {age:.1f} s ago, RSS {rss} ({anon} anonymous)")
     print(f"log         {status.get('log')} ({status.get('log_format')}, {status.get('watcher')})")
     print(f"lag         {status.get('log_lag_bytes')} bytes unread")
     for metric, best in (status.get("bests") or {}).items():

@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class RunDaemon:
         self._stop_requested = threading.Event()
         self._queued: set[str] = set()  # ack file names the persister has and has not reported on
         self._retry_at: dict[str, float] = {}  # ack file name -> monotonic time of the next try
-        self._evals: dict[int, dict[str, float]] = {}
+        self._evals: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._started = time.time()
         self._last_verdict: Verdict | None = None
         self._last_error: str | None = None
@@ -247,8 +248,10 @@ class RunDaemon:
 
     def _remember(self, event: LogEvent) -> None:
         self._evals.setdefault(event.step, {}).update(event.metrics)
-        while len(self._evals) > _RECENT_EVALS:
-            del self._evals[next(iter(self._evals))]
+        if len(self._evals) > _RECENT_EVALS:
+            # popitem, not del d[next(iter(d))]: a plain dict emptied from the front is
+            # scanned past its deleted slots on every call, which a long catch-up felt.
+            self._evals.popitem(last=False)
 
     def _publish(self, verdict: Verdict | None) -> None:
         self._state = self._state.with_(seq=self._state.seq + 1)
@@ -355,7 +358,7 @@ class RunDaemon:
                 "version": __version__,
                 "state": state,
                 "pid": os.getpid(),
-                "rss_bytes": self._process.memory_info().rss,
+                **_memory(self._process),
                 "host": socket.gethostname(),
                 "started": self._started,
                 "heartbeat": time.time(),
@@ -390,3 +393,9 @@ class RunDaemon:
             return f"pid {status.get('pid')} on {status.get('host')}"
         except (OSError, ValueError):
             return "holder unknown"
+
+
+def _memory(process: psutil.Process) -> dict[str, int]:
+    """RSS, and its anonymous part: RSS also counts the shared pages of a slot being persisted."""
+    memory = process.memory_info()
+    return {"rss_bytes": memory.rss, "rss_anon_bytes": memory.rss - getattr(memory, "shared", 0)}
