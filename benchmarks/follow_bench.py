@@ -52,7 +52,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import shutil
 import signal
@@ -68,8 +67,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import orjson
 import psutil
+from benchlib import (
+    cpu_busy_seconds,
+    daemon_status,
+    default_parent,
+    filesystem_of,
+    own_cpu_seconds,
+    progress,
+)
 
 from ckptd.daemon.state import DaemonState, save_state
 from ckptd.logs.follow import ChangeWatcher, LogFollower
@@ -79,7 +87,6 @@ from ckptd.policy import judge
 from ckptd.protocol import Control, RunPaths, daemon_alive, read_control, write_control
 from ckptd.records import Criterion
 
-REPO = Path(__file__).resolve().parents[1]
 LOGGING_STEPS = 10  # ms-swift's logging_steps in the generated logs (the fixture's)
 DENSE_EVERY = 5  # eval_steps / logging_steps of the fixture (50 / 10)
 SPARSE_EVERY = 50  # a common production ratio: one eval per 50 logged training lines
@@ -102,10 +109,6 @@ TARGETS = {
 }
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 NOTES: list[str] = []  # anything odd the run saw (a daemon that would not stop, a leftover): reported
 
 
@@ -118,75 +121,13 @@ def note(message: str) -> None:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_total = 0
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-                break
     versions = {}
     for package in ("orjson", "watchdog", "psutil"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "?"
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "ram_bytes": mem_total,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "packages": versions,
-    }
-
-
-def filesystem_of(path: Path) -> dict[str, Any]:
-    """The mount holding ``path`` (longest matching mount point in /proc/mounts) and its size."""
-    real = os.path.realpath(path)
-    best = ("?", "/", "?")
-    with open("/proc/mounts") as handle:
-        for line in handle:
-            device, mount, fstype = line.split()[:3]
-            mount = mount.replace("\\040", " ")
-            inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[1]):
-                best = (device, mount, fstype)
-    vfs = os.statvfs(real)
-    return {
-        "path": real,
-        "device": best[0],
-        "mount": best[1],
-        "fstype": best[2],
-        "free_bytes": vfs.f_frsize * vfs.f_bavail,
-    }
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds all processes spent busy (user, system, irq, steal: not idle, not iowait)."""
-    with open("/proc/stat") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its waited-for children (daemons, wc)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def default_parent() -> Path:
-    """The system temp dir when it is on the repo's filesystem (not tmpfs), else the repo itself."""
-    tmp = Path(tempfile.gettempdir())
-    if tmp.stat().st_dev == REPO.stat().st_dev and filesystem_of(tmp)["fstype"] not in ("tmpfs", "ramfs"):
-        return tmp
-    return REPO
+    return benchlib.machine_info(packages=versions)
 
 
 # -- 1. the logs and their parse throughput ---------------------------------------------------------
@@ -385,19 +326,12 @@ def start_daemon(
     paths = RunPaths(run_dir)
     deadline = time.monotonic() + timeout
     # Alive, and its log watcher running: the status written before the watchers start has none.
-    while not (daemon_alive(paths) and _status(paths).get("watcher")):
+    while not (daemon_alive(paths) and daemon_status(paths).get("watcher")):
         if daemon.poll() is not None or time.monotonic() > deadline:
             stop_daemon(daemon, run_dir)
             raise RuntimeError(f"the ckptd daemon did not start:\n{_daemon_log(run_dir)}")
         time.sleep(0.005)
     return daemon
-
-
-def _status(paths: RunPaths) -> dict[str, Any]:
-    try:
-        return json.loads(paths.status.read_bytes())
-    except (OSError, ValueError):
-        return {}
 
 
 def _daemon_log(run_dir: Path, lines: int = 20) -> str:
@@ -572,7 +506,7 @@ def measure_latency(
     client: list[float] = []
     try:
         with running_daemon(run_dir, *extra, prefix=prefix) as daemon:
-            mode = _status(paths).get("watcher")
+            mode = daemon_status(paths).get("watcher")
             process = psutil.Process(daemon.pid)
             signature = control_signature(paths.control)
             if pin:
@@ -640,14 +574,14 @@ def measure_catch_up(run_dir: Path, follow_evals: int = 20) -> dict[str, Any]:
         process = psutil.Process(daemon.pid)
         during: list[int] = []
         deadline = time.monotonic() + 120
-        while not (daemon_alive(paths) and _status(paths).get("watcher")):
+        while not (daemon_alive(paths) and daemon_status(paths).get("watcher")):
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the daemon did not catch up:\n{_daemon_log(run_dir)}")
             if (value := rss(process)) is not None:
                 during.append(value)
             time.sleep(0.01)
         caught_up = time.perf_counter() - started
-        status = _status(paths)
+        status = daemon_status(paths)
         # Following: a few live evals, each waited for, then RSS sampled for a second.
         writer = EvalWriter(run_dir / "logging.jsonl")
         writer.step = 10**9  # past every step of the log: judged, never a replay

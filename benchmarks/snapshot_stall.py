@@ -38,7 +38,6 @@ import functools
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
@@ -53,7 +52,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import torch
+from benchlib import (
+    cpu_busy_seconds,
+    daemon_status,
+    default_parent,
+    filesystem_of,
+    own_cpu_seconds,
+    progress,
+)
 
 import ckptd.client.client as client_module
 from ckptd.client import CheckpointClient
@@ -61,85 +69,16 @@ from ckptd.client.snapshot import Slot
 from ckptd.protocol import RunPaths, daemon_alive, pending_ack_paths
 from ckptd.store import Store
 
-REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 4096  # width of the large Linear layers: 64 MiB of fp32 weights each
 DD_BLOCK = 64 << 20
 StateFn = Callable[[], dict[str, Any]]
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- the machine and the disk ---------------------------------------------------------------------
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as handle:
-        for line in handle:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_total = 0
-    with open("/proc/meminfo") as handle:
-        for line in handle:
-            if line.startswith("MemTotal:"):
-                mem_total = int(line.split()[1]) * 1024
-                break
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "ram_bytes": mem_total,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def filesystem_of(path: Path) -> dict[str, Any]:
-    """The mount holding ``path`` (longest matching mount point in /proc/mounts) and its size."""
-    real = os.path.realpath(path)
-    best = ("?", "/", "?")
-    with open("/proc/mounts") as handle:
-        for line in handle:
-            device, mount, fstype = line.split()[:3]
-            mount = mount.replace("\\040", " ")
-            inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best[1]):
-                best = (device, mount, fstype)
-    vfs = os.statvfs(real)
-    return {
-        "path": real,
-        "device": best[0],
-        "mount": best[1],
-        "fstype": best[2],
-        "size_bytes": vfs.f_frsize * vfs.f_blocks,
-        "free_bytes": vfs.f_frsize * vfs.f_bavail,
-    }
-
-
-def cpu_busy_seconds() -> float:
-    """CPU seconds all processes spent busy (user, system, irq, steal: not idle, not iowait)."""
-    with open("/proc/stat") as handle:
-        fields = [int(v) for v in handle.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds of this process and its waited-for children (the daemon, dd)."""
-    times = os.times()
-    return times.user + times.system + times.children_user + times.children_system
-
-
-def default_parent() -> Path:
-    """The system temp dir when it is on the repo's filesystem (not tmpfs), else the repo itself."""
-    tmp = Path(tempfile.gettempdir())
-    if tmp.stat().st_dev == REPO.stat().st_dev and filesystem_of(tmp)["fstype"] not in ("tmpfs", "ramfs"):
-        return tmp
-    return REPO
+    return benchlib.machine_info(torch=torch.__version__, torch_threads=torch.get_num_threads())
 
 
 # -- the training state ---------------------------------------------------------------------------
@@ -250,19 +189,12 @@ def start_daemon(run_dir: Path) -> subprocess.Popen[bytes]:
     paths = RunPaths(run_dir)
     deadline = time.monotonic() + 30
     # Alive, and its ack watcher running: the status written before the watchers start has none.
-    while not (daemon_alive(paths) and _status(paths).get("watcher")):
+    while not (daemon_alive(paths) and daemon_status(paths).get("watcher")):
         if daemon.poll() is not None or time.monotonic() > deadline:
             stop_daemon(daemon)
             raise RuntimeError(f"the ckptd daemon did not start:\n{_tail(run_dir / 'daemon.log')}")
         time.sleep(0.01)
     return daemon
-
-
-def _status(paths: RunPaths) -> dict[str, Any]:
-    try:
-        return json.loads(paths.status.read_bytes())
-    except (OSError, ValueError):
-        return {}
 
 
 def _tail(path: Path, lines: int = 20) -> str:
