@@ -105,6 +105,8 @@ def _train(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, torch.T
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if step == 1:
+                ckpt.prepare(lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
             if step % EVAL_EVERY == 0:
                 evals[step] = eval_loss(model, task)
                 weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
