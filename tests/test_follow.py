@@ -389,3 +389,12 @@ def test_watcher_falls_back_to_polling_when_inotify_cannot_start(
         assert woken.wait(2)
     finally:
         watcher.stop()
+
+
+def test_a_line_source_reports_over_long_lines_with_the_malformed_ones(log: Path) -> None:
+    from ckptd.logs import JsonlFormat, LineSource
+
+    log.write_bytes(b'{"step": 1, "eval_loss": 0.5}\n' + b"x" * 100 + b"\n{not json\n")
+    source = LineSource(log, JsonlFormat(), max_line_bytes=64)
+    assert [e.step for e in source.read_events()] == [1]
+    assert source.malformed.counts == {"too-long": 1, "json": 1}

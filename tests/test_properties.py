@@ -206,3 +206,30 @@ def test_trainer_state_source_never_raises_on_garbage(
         for event in source.read_events():
             assert isinstance(event, LogEvent)
     source.close()
+
+
+FIXTURE_EVENTS = next((SHARED_FIXTURES / "hf-trainer" / "runs").rglob("events.out.tfevents.*")).read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cut=st.integers(0, len(FIXTURE_EVENTS)),
+    flips=st.lists(st.tuples(st.integers(0, len(FIXTURE_EVENTS) - 1), st.integers(1, 255)), max_size=4),
+    garbage=st.binary(max_size=200),
+)
+def test_tensorboard_source_never_raises_on_cut_or_corrupted_event_files(
+    tmp_path_factory: pytest.TempPathFactory, cut: int, flips: list[tuple[int, int]], garbage: bytes
+) -> None:
+    from ckptd.logs.tensorboard import TensorBoardSource
+
+    runs = tmp_path_factory.mktemp("tb")
+    data = bytearray(FIXTURE_EVENTS[:cut])
+    for at, mask in flips:
+        if at < len(data):
+            data[at] ^= mask
+    (runs / "events.out.tfevents.1.a").write_bytes(bytes(data))
+    (runs / "events.out.tfevents.2.b").write_bytes(garbage)
+    source = TensorBoardSource(runs)
+    for event in source.read_events():
+        assert isinstance(event, LogEvent) and event.metrics
+    source.close()

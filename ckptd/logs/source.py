@@ -89,6 +89,8 @@ class LineSource:
         events: list[LogEvent] = []
         for block in self._follower.read_blocks():
             self._parse_block(block, events)
+        if self._follower.skipped_long_lines:  # counted where every unreadable line is seen
+            self.malformed.counts["too-long"] = self._follower.skipped_long_lines
         return events
 
     def _parse_block(self, block: bytes, events: list[LogEvent]) -> None:
