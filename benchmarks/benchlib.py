@@ -6,11 +6,16 @@ so these helpers live in one place.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +101,38 @@ def daemon_status(paths: RunPaths) -> dict[str, Any]:
         return json.loads(paths.status.read_bytes())
     except (OSError, ValueError):
         return {}
+
+
+@contextlib.contextmanager
+def scratch_dir(requested: str | None, prefix: str) -> Iterator[Path]:
+    """A temp dir under ``--dir`` (default: :func:`default_parent`), removed afterwards, with
+    the parent too when this run created it."""
+    parent = Path(requested) if requested else default_parent()
+    created = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+class LoadMeter:
+    """How busy the machine was while a benchmark ran: other processes make every figure noisier."""
+
+    def __init__(self) -> None:
+        self._load = os.getloadavg()[0]
+        self._wall, self._busy, self._own = time.monotonic(), cpu_busy_seconds(), own_cpu_seconds()
+
+    def report(self) -> dict[str, Any]:
+        wall = time.monotonic() - self._wall
+        others = (cpu_busy_seconds() - self._busy) - (own_cpu_seconds() - self._own)
+        return {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "load_avg_1min": {"start": self._load, "end": os.getloadavg()[0]},
+            "others_cpu_share": max(0.0, others / (wall * len(os.sched_getaffinity(0)))),
+            "wall_s": wall,
+        }

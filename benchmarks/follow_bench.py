@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
 import math
@@ -58,7 +57,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -71,12 +69,11 @@ import benchlib
 import orjson
 import psutil
 from benchlib import (
-    cpu_busy_seconds,
+    LoadMeter,
     daemon_status,
-    default_parent,
     filesystem_of,
-    own_cpu_seconds,
     progress,
+    scratch_dir,
 )
 
 from ckptd.daemon.state import DaemonState, save_state
@@ -757,13 +754,8 @@ def latency_parts(root: Path, evals: int, seed: int) -> dict[str, dict[str, floa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    parent = Path(args.dir) if args.dir else default_parent()
-    created_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="ckptd-follow-", dir=parent))
-    load_start = os.getloadavg()
-    wall_start, busy_start, own_start = time.monotonic(), cpu_busy_seconds(), own_cpu_seconds()
-    try:
+    meter = LoadMeter()
+    with scratch_dir(args.dir, "ckptd-follow-") as root:
         disk = filesystem_of(root)
         progress(
             f"disk: {disk['path']} on {disk['device']} ({disk['fstype']}, mounted at {disk['mount']}, "
@@ -818,21 +810,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  {name}: caught up in {c['catch_up_s']:.2f} s; RSS peak "
                 f"{c['rss_peak_bytes'] / MIB:.1f} MiB, following {c['rss_steady_bytes'] / MIB:.1f} MiB"
             )
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if created_parent:
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-    capacity = (time.monotonic() - wall_start) * len(os.sched_getaffinity(0))
-    others = (cpu_busy_seconds() - busy_start) - (own_cpu_seconds() - own_start)
     return {
         "benchmark": "follow_bench",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **meter.report(),
         "machine": machine_info(),
-        # Other processes on the machine show up here; a busy machine makes every figure noisier.
-        "load_avg_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
-        "others_cpu_share": max(0.0, others / capacity),
-        "wall_s": time.monotonic() - wall_start,
         "disk": disk,
         "config": {
             "lines": args.lines,

@@ -32,8 +32,6 @@ can be explained from the output. GB/s means 10^9 bytes per second.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import functools
 import json
 import math
@@ -45,7 +43,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -55,12 +52,11 @@ from typing import Any
 import benchlib
 import torch
 from benchlib import (
-    cpu_busy_seconds,
+    LoadMeter,
     daemon_status,
-    default_parent,
     filesystem_of,
-    own_cpu_seconds,
     progress,
+    scratch_dir,
 )
 
 import ckptd.client.client as client_module
@@ -469,13 +465,8 @@ def _print_capture(capture: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    parent = Path(args.dir) if args.dir else default_parent()
-    created_parent = not parent.exists()
-    parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="ckptd-bench-", dir=parent))
-    load_start = os.getloadavg()
-    wall_start, busy_start, own_start = time.monotonic(), cpu_busy_seconds(), own_cpu_seconds()
-    try:
+    meter = LoadMeter()
+    with scratch_dir(args.dir, "ckptd-bench-") as root:
         disk = filesystem_of(root)
         shm = filesystem_of(Path("/dev/shm")) if Path("/dev/shm").is_dir() else None
         progress(
@@ -495,20 +486,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if shm is not None and shm["free_bytes"] < nbytes + (128 << 20):
             raise SystemExit(f"/dev/shm has {shm['free_bytes'] / 2**30:.1f} GiB free; the slot needs more")
         ckptd, memcpy, save, dd = measure(state_fn, nbytes, root, args.repeats)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if created_parent:
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-    capacity = (time.monotonic() - wall_start) * len(os.sched_getaffinity(0))
-    others = (cpu_busy_seconds() - busy_start) - (own_cpu_seconds() - own_start)
     return {
         "benchmark": "snapshot_stall",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **meter.report(),
         "machine": machine_info(),
-        # Other processes on the machine show up here; a busy machine makes every figure noisier.
-        "load_avg_1min": {"start": load_start[0], "end": os.getloadavg()[0]},
-        "others_cpu_share": max(0.0, others / capacity),
         "disk": disk,
         "shm": shm,
         "config": {"gib": args.gib, "repeats": args.repeats, "state_bytes": nbytes, "tensors": count},
