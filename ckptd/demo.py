@@ -154,6 +154,7 @@ def _report(
     print(
         "demo passed" if ok else f"demo FAILED (kept {sorted(r.step for r in kept)}, want {sorted(expected)})"
     )
+    print(f"look around: ckptd ls {run_dir}; ckptd best {run_dir}; ckptd verify {run_dir}")
     return 0 if ok else 1
 
 

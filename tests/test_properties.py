@@ -96,8 +96,10 @@ def test_nan_and_infinity_are_never_best_through_parser_and_judge(values: list[f
     fmt = JsonlFormat(watched=["eval_loss"])
     bests: dict[str, Best] = {}
     for step, value in enumerate(values, start=1):
-        literal = repr(value) if math.isfinite(value) else {"nan": "NaN", "inf": "Infinity"}.get(
-            repr(value), "-Infinity"
+        literal = (
+            repr(value)
+            if math.isfinite(value)
+            else {"nan": "NaN", "inf": "Infinity"}.get(repr(value), "-Infinity")
         )
         event = fmt.parse(f'{{"step": {step}, "eval_loss": {literal}}}'.encode())
         assert event is not None
