@@ -24,6 +24,8 @@ for step in range(11, 1011):
 os.write(2, b"END\\n")
 """
 
+_ALLOCATOR = {"mmap", "munmap", "brk", "madvise", "mprotect", "mremap"}
+
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
 def test_maybe_snapshot_costs_exactly_one_stat_when_nothing_is_due(tmp_path: Path) -> None:
@@ -43,5 +45,7 @@ def test_maybe_snapshot_costs_exactly_one_stat_when_nothing_is_due(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     window = trace.read_text().split("BEGIN")[1].split("END")[0].splitlines()[1:-1]
     calls = Counter(line.split(None, 1)[1].split("(")[0] for line in window if "(" in line)
+    # The interpreter's allocator may return an arena now and then: not ckptd's doing.
+    calls = Counter({name: n for name, n in calls.items() if name not in _ALLOCATOR})
     assert sum(calls.values()) == 1000, calls
     assert len(calls) == 1 and next(iter(calls)) in ("newfstatat", "stat", "statx", "fstatat64"), calls

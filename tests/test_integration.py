@@ -218,7 +218,7 @@ def test_client_picks_up_a_daemon_started_after_the_trainer(tmp_path: Path, daem
     run = tmp_path / "run"
     run.mkdir()
     trainer = subprocess.Popen(
-        [sys.executable, str(PROGRAMS / "trainer.py"), str(run), "--steps", "600", "--step-delay", "0.004"],
+        [sys.executable, str(PROGRAMS / "trainer.py"), str(run), "--steps", "1500", "--step-delay", "0.004"],
         stderr=subprocess.PIPE,
     )
     wait_for(lambda: (run / "logging.jsonl").exists(), what="the trainer to log")
@@ -227,7 +227,7 @@ def test_client_picks_up_a_daemon_started_after_the_trainer(tmp_path: Path, daem
     assert daemon.stop() == 0
     summary = json.loads((run / "trainer-summary.json").read_text())
     assert summary["captured"], "the client never noticed the daemon"
-    assert {r.step for r in Store(run / "checkpoints").list()} >= {600}
+    assert {r.step for r in Store(run / "checkpoints").list()} >= {1500}
 
 
 def test_a_stopped_daemon_releases_waiting_clients_at_once(tmp_path: Path, daemons, shm_root: Path) -> None:
