@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from ckptd import __version__
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
-from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age
+from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
 
@@ -391,7 +390,7 @@ def _record_json(store: Store, record: CheckpointRecord) -> dict[str, Any]:
         "requested_step": record.requested_step,
         "path": str(store.path_of(record.name)),
         "tags": list(record.tags),
-        "metrics": {k: v if math.isfinite(v) else repr(v) for k, v in record.metrics.items()},
+        "metrics": metrics_to_json(record.metrics),
         "bytes": record.nbytes,
         "created": record.created,
     }

@@ -171,13 +171,7 @@ class Control:
             "written": self.written,
         }
         if self.verdict is not None:
-            data.update(
-                eval_step=self.verdict.eval_step,
-                action=self.verdict.action,
-                tags=list(self.verdict.tags),
-                reason=self.verdict.reason,
-                metrics=metrics_to_json(self.verdict.metrics),
-            )
+            data.update(verdict_to_json(self.verdict))
         return data
 
     @classmethod
@@ -205,6 +199,17 @@ class Control:
             verdict=verdict,
             written=float(_field(path, data, "written", (int, float))),
         )
+
+
+def verdict_to_json(verdict: Verdict) -> dict[str, Any]:
+    """A verdict's fields as control.json carries them (and status.json repeats them)."""
+    return {
+        "eval_step": verdict.eval_step,
+        "action": verdict.action,
+        "tags": list(verdict.tags),
+        "reason": verdict.reason,
+        "metrics": metrics_to_json(verdict.metrics),
+    }
 
 
 def write_control(paths: RunPaths, control: Control) -> None:

@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from ckptd import __version__
 from ckptd.config import RunConfig
 from ckptd.daemon.persister import Job, Outcome, Persister
-from ckptd.daemon.state import DaemonState, load_state, save_state
+from ckptd.daemon.state import DaemonState, bests_to_json, load_state, save_state
 from ckptd.errors import DaemonAlreadyRunning, ProtocolError
 from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.policy import best_plus_last, judge
@@ -37,10 +37,10 @@ from ckptd.protocol import (
     Control,
     RunPaths,
     atomic_write_json,
-    metrics_to_json,
     pending_ack_paths,
     read_ack,
     read_control,
+    verdict_to_json,
     write_control,
 )
 from ckptd.records import LogEvent, Verdict
@@ -369,16 +369,8 @@ class RunDaemon:
                 "log_lag_bytes": None if log_size is None or offset is None else max(0, log_size - offset),
                 "watcher": self._watchers[0].mode if self._watchers else None,
                 "store": str(self.config.store),
-                "bests": {m: {"step": b.step, "value": b.value} for m, b in self._state.bests.items()},
-                "last_verdict": None
-                if verdict is None
-                else {
-                    "eval_step": verdict.eval_step,
-                    "action": verdict.action,
-                    "tags": list(verdict.tags),
-                    "reason": verdict.reason,
-                    "metrics": metrics_to_json(verdict.metrics),
-                },
+                "bests": bests_to_json(self._state.bests),
+                "last_verdict": None if verdict is None else verdict_to_json(verdict),
                 "persisted": self._persisted,
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),

@@ -13,6 +13,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ class DaemonState:
             "criteria": list(self.criteria),
             "seq": self.seq,
             "judged_step": self.judged_step,
-            "bests": {m: {"step": b.step, "value": b.value} for m, b in self.bests.items()},
+            "bests": bests_to_json(self.bests),
             "cursor": self.cursor,
         }
 
@@ -72,6 +73,10 @@ class DaemonState:
             bests=bests,
             cursor=cursor if isinstance(cursor, dict) else None,
         )
+
+
+def bests_to_json(bests: Mapping[str, Best]) -> dict[str, dict[str, float]]:
+    return {metric: {"step": best.step, "value": best.value} for metric, best in bests.items()}
 
 
 def load_state(path: Path) -> DaemonState | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,17 +99,14 @@ def _first_line(path: Path) -> bytes | None:
     return None
 
 
+@dataclass(frozen=True)
 class _Options:
     """What every source needs besides its path, kept until the format is known."""
 
-    def __init__(
-        self,
-        watched: tuple[str, ...],
-        step_key: str | None,
-        regex: str | None,
-        cursor: Mapping[str, Any] | None,
-    ) -> None:
-        self.watched, self.step_key, self.regex, self.cursor = watched, step_key, regex, cursor
+    watched: tuple[str, ...]
+    step_key: str | None
+    regex: str | None
+    cursor: Mapping[str, Any] | None
 
     def build(self, path: Path, log_format: str) -> EventSource:
         if log_format == "tensorboard":
