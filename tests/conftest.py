@@ -16,7 +16,7 @@ import pytest
 from ckptd.protocol import RunPaths, daemon_alive
 
 PROGRAMS = Path(__file__).parent / "programs"
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -11,7 +11,7 @@ import pytest
 from ckptd.errors import ConfigError
 from ckptd.logs import open_source
 from ckptd.logs.detect import detect_format
-from tests.conftest import SHARED_FIXTURES
+from tests.conftest import FIXTURES
 
 
 @pytest.mark.parametrize(
@@ -29,13 +29,13 @@ from tests.conftest import SHARED_FIXTURES
 )
 def test_real_logs_are_detected(tmp_path: Path, fixture: str, name: str, expected: str) -> None:
     target = tmp_path / name
-    shutil.copy(SHARED_FIXTURES / fixture, target)
+    shutil.copy(FIXTURES / fixture, target)
     assert detect_format(target) == expected
 
 
 def test_a_tensorboard_directory_and_event_file_are_detected(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    shutil.copytree(SHARED_FIXTURES / "hf-trainer" / "runs", runs)
+    shutil.copytree(FIXTURES / "hf-trainer" / "runs", runs)
     assert detect_format(runs) == "tensorboard"
     event_file = next(runs.rglob("events.out.tfevents.*"))
     assert detect_format(event_file) == "tensorboard"

@@ -12,8 +12,7 @@ from ckptd.logs.csvlog import LightningCsvFormat
 from ckptd.logs.source import LineSource
 from ckptd.records import LogEvent
 
-# CI clones the repo anywhere, but always with ../shared beside it.
-LIGHTNING = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "lightning"
+LIGHTNING = Path(__file__).parent / "fixtures" / "lightning"
 FINAL = LIGHTNING / "lightning_logs" / "version_0" / "metrics.csv"
 # Validation rows as lightning/README.txt lists them: step, epoch, val_loss, val_acc.
 README_VALIDATIONS = [

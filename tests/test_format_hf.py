@@ -15,8 +15,7 @@ from ckptd.logs.jsonl import JsonlFormat
 from ckptd.logs.source import LineSource
 from ckptd.records import LogEvent
 
-# CI clones the repo anywhere, but always with ../shared beside it.
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"
 HF = FIXTURES / "hf-trainer"
 MS_SWIFT = FIXTURES / "ms-swift"
 # (step, eval_loss) as hf-trainer/README.txt gives them, to 4 decimals.

@@ -12,8 +12,7 @@ from ckptd.logs.jsonl import JsonlFormat
 from ckptd.logs.regex import RegexFormat, parse_number
 from ckptd.records import LogEvent
 
-# CI clones the repo anywhere, but always with ../shared beside it.
-MS_SWIFT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ms-swift"
+MS_SWIFT = Path(__file__).parent / "fixtures" / "ms-swift"
 EVAL_LOSS = r"step (?P<step>\d+) .*eval_loss=(?P<eval_loss>[-+0-9.eE]+|nan)"
 
 

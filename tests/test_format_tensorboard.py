@@ -26,8 +26,7 @@ from tensorboard.util.tensor_util import make_tensor_proto
 from ckptd.logs.tensorboard import TensorBoardSource
 from ckptd.records import LogEvent
 
-# CI clones the repo anywhere, but always with ../shared beside it.
-HF = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-trainer"
+HF = Path(__file__).parent / "fixtures" / "hf-trainer"
 FIXTURE_RUN = "Nov27_19-58-06_vm"
 FIXTURE_NAME = "events.out.tfevents.1795809486.vm.11325.0"
 FIXTURE = HF / "runs" / FIXTURE_RUN / FIXTURE_NAME

@@ -310,11 +310,11 @@ def test_daemon_follows_hf_tensorboard_runs_into_a_new_run_folder(
 ) -> None:
     import shutil
 
-    from tests.conftest import SHARED_FIXTURES
+    from tests.conftest import FIXTURES
 
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copytree(SHARED_FIXTURES / "hf-trainer" / "runs", run / "runs")
+    shutil.copytree(FIXTURES / "hf-trainer" / "runs", run / "runs")
     paths = RunPaths(run)
     daemon = daemons(run, "--log", "runs")
     wait_for(lambda: json.loads(paths.status.read_text())["log_format"] == "tensorboard")
@@ -336,9 +336,9 @@ def test_daemon_follows_hf_tensorboard_runs_into_a_new_run_folder(
 def test_daemon_follows_lightning_csv_through_its_header_rewrites(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
-    from tests.conftest import SHARED_FIXTURES
+    from tests.conftest import FIXTURES
 
-    lightning = SHARED_FIXTURES / "lightning"
+    lightning = FIXTURES / "lightning"
     run = tmp_path / "run"
     (run / "logs").mkdir(parents=True)
     metrics = run / "logs" / "metrics.csv"

@@ -12,8 +12,7 @@ from ckptd.errors import ConfigError, MalformedLine
 from ckptd.logs import JsonlFormat, LineCounter
 from ckptd.records import LogEvent
 
-# CI clones the repo anywhere, but always with ../shared beside it.
-MS_SWIFT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ms-swift"
+MS_SWIFT = Path(__file__).parent / "fixtures" / "ms-swift"
 EVAL_STEPS = list(range(50, 1201, 50))
 
 

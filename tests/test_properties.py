@@ -23,12 +23,12 @@ from ckptd.logs.jsonl import JsonlFormat
 from ckptd.logs.regex import RegexFormat
 from ckptd.policy import judge
 from ckptd.records import Best, Criterion, LogEvent
-from tests.conftest import SHARED_FIXTURES
+from tests.conftest import FIXTURES
 
 SAMPLES = [
-    *(SHARED_FIXTURES / "ms-swift" / "runA_loadbest_logging.jsonl").read_bytes().splitlines()[:60],
-    *(SHARED_FIXTURES / "hf-trainer" / "hf_stdout.log").read_bytes().splitlines()[:40],
-    *(SHARED_FIXTURES / "lightning" / "metrics_before_rewrite.csv").read_bytes().splitlines(),
+    *(FIXTURES / "ms-swift" / "runA_loadbest_logging.jsonl").read_bytes().splitlines()[:60],
+    *(FIXTURES / "hf-trainer" / "hf_stdout.log").read_bytes().splitlines()[:40],
+    *(FIXTURES / "lightning" / "metrics_before_rewrite.csv").read_bytes().splitlines(),
     b'{"step": 5, "eval_loss": NaN}',
     b"{'eval_loss': nan, 'epoch': '0.5'}",
 ]
@@ -210,7 +210,7 @@ def test_trainer_state_source_never_raises_on_garbage(
     source.close()
 
 
-FIXTURE_EVENTS = next((SHARED_FIXTURES / "hf-trainer" / "runs").rglob("events.out.tfevents.*")).read_bytes()
+FIXTURE_EVENTS = next((FIXTURES / "hf-trainer" / "runs").rglob("events.out.tfevents.*")).read_bytes()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
