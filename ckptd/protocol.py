@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.errors import ProtocolError
+from ckptd.fields import Fields, is_count, is_token, metric_value
 from ckptd.records import Verdict
 
 PROTOCOL_VERSION = 1
@@ -32,7 +33,8 @@ HEARTBEAT_INTERVAL_S = 1.0
 # A heartbeat older than this means no daemon: several missed beats, not one slow disk.
 STALE_AFTER_S = 5.0
 
-_ACK_NAME = re.compile(r"^(?:\d+|step-\d+)\.json$")
+_ACK_NAME = re.compile(r"^(?:\d{1,19}|step-\d{1,19})\.json$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class RunPaths:
     @property
     def lock(self) -> Path:
         return self.meta / "lock"
+
+    @property
+    def client_report(self) -> Path:
+        return self.meta / "client.json"
 
     @property
     def default_store(self) -> Path:
@@ -134,22 +140,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _field(path: Path, data: Mapping[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = data.get(name)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError(path, f"field {name!r} is missing or not {_kind_name(kind)}")
-    return value
-
-
-def _optional(path: Path, data: Mapping[str, Any], name: str, kind: type) -> Any:
-    return None if data.get(name) is None else _field(path, data, name, kind)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
-
-
 @dataclass(frozen=True)
 class Control:
     """What the daemon asks of the trainer: the standing schedule and the latest verdict."""
@@ -176,28 +166,29 @@ class Control:
 
     @classmethod
     def from_json(cls, path: Path, data: Mapping[str, Any]) -> Control:
+        fields = Fields(path, data)
         verdict = None
-        if data.get("action") is not None:
-            action = _field(path, data, "action", str)
+        if fields.has("action"):
+            action = fields.text("action")
             if action not in ("snapshot", "skip"):
                 raise ProtocolError(path, f"unknown action {action!r}")
             verdict = Verdict(
-                eval_step=_field(path, data, "eval_step", int),
-                action=action,
-                tags=tuple(str(t) for t in _field(path, data, "tags", list)),
-                reason=str(data.get("reason", "")),
-                metrics=metrics_from_json(data.get("metrics")),
+                eval_step=fields.count("eval_step"),
+                action=action,  # type: ignore[arg-type]
+                tags=fields.texts("tags"),
+                reason=fields.text("reason", ""),
+                metrics=fields.metrics("metrics"),
             )
-        every = _optional(path, data, "every_steps", int)
+        every = fields.optional_count("every_steps")
         if every is not None and every < 1:
             raise ProtocolError(path, f"every_steps must be >= 1, not {every}")
         return cls(
-            seq=_field(path, data, "seq", int),
-            run_id=_field(path, data, "run_id", str),
-            staging=_field(path, data, "staging", str),
+            seq=fields.count("seq"),
+            run_id=fields.token("run_id"),
+            staging=fields.text("staging"),
             every_steps=every,
             verdict=verdict,
-            written=float(_field(path, data, "written", (int, float))),
+            written=fields.number("written"),
         )
 
 
@@ -223,7 +214,13 @@ def read_control(path: Path) -> Control:
 
 @dataclass(frozen=True)
 class Ack:
-    """The trainer's answer: "the state of step ``captured_step`` is in slot ``slot``"."""
+    """The trainer's answer: "the state of step ``captured_step`` is in slot ``slot``".
+
+    It carries everything the manifest needs (the verdict's tags, reason and metrics),
+    so a daemon restarted after a crash commits the same checkpoint the first one would
+    have. ``token`` is written into the slot too: the daemon checks that the slot still
+    holds this capture before committing it.
+    """
 
     name: str
     captured_step: int
@@ -233,12 +230,19 @@ class Ack:
     requested_step: int | None = None
     tags: tuple[str, ...] = ()
     reason: str = ""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    token: str = ""
     created: float = field(default_factory=time.time)
 
     @staticmethod
     def name_for(seq: int | None, step: int) -> str:
         """``<seq>`` answers a verdict; ``step-<step>`` is a capture the schedule asked for."""
         return str(seq) if seq is not None else f"step-{step}"
+
+    @property
+    def eval_step(self) -> int:
+        """The step whose eval this capture answers (step 0 is a step, not "unknown")."""
+        return self.captured_step if self.requested_step is None else self.requested_step
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -251,41 +255,42 @@ class Ack:
             "files": dict(self.files),
             "tags": list(self.tags),
             "reason": self.reason,
+            "metrics": metrics_to_json(self.metrics),
+            "token": self.token,
             "created": self.created,
         }
 
     @classmethod
     def from_json(cls, path: Path, data: Mapping[str, Any]) -> Ack:
-        files = _field(path, data, "files", dict)
+        fields = Fields(path, data)
+        name = fields.text("name")
+        if not _ACK_NAME.match(f"{name}.json"):
+            raise fields.error("name", "'<seq>' or 'step-<step>'")
+        files = fields.mapping("files")
         for fname, size in files.items():
-            if not _is_plain_name(fname) or not _is_count(size):
+            if not _is_plain_name(fname) or not is_count(size):
                 raise ProtocolError(path, f"bad file entry {fname!r}: {size!r}")
-        slot = _field(path, data, "slot", str)
-        if not _is_plain_name(slot):
-            raise ProtocolError(path, f"slot {slot!r} is not a plain name")
-        for name in ("captured_step", "requested_step", "seq"):
-            if data.get(name) is not None and not _is_count(data[name]):
-                raise ProtocolError(path, f"field {name!r} must be an integer >= 0, not {data[name]!r}")
+        token = fields.text("token", "")
+        if token and not is_token(token):
+            raise fields.error("token", "a plain identifier")
         return cls(
-            name=_field(path, data, "name", str),
-            captured_step=_field(path, data, "captured_step", int),
-            slot=slot,
-            files=files,
-            seq=_optional(path, data, "seq", int),
-            requested_step=_optional(path, data, "requested_step", int),
-            tags=tuple(str(t) for t in data.get("tags") or ()),
-            reason=str(data.get("reason", "")),
-            created=float(data.get("created") or 0.0),
+            name=name,
+            captured_step=fields.count("captured_step"),
+            slot=fields.token("slot"),
+            files=dict(files),
+            seq=fields.optional_count("seq"),
+            requested_step=fields.optional_count("requested_step"),
+            tags=fields.texts("tags"),
+            reason=fields.text("reason", ""),
+            metrics=fields.metrics("metrics"),
+            token=token,
+            created=fields.number("created"),
         )
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _is_plain_name(name: object) -> bool:
-    """A single path component: what a hostile ack must not escape with."""
-    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+    """A file name inside a slot or checkpoint: one component, nothing a path could escape with."""
+    return isinstance(name, str) and _FILE_NAME.match(name) is not None
 
 
 def write_ack(paths: RunPaths, ack: Ack) -> Path:
@@ -314,6 +319,22 @@ def _mtime_or_zero(path: Path) -> float:
         return 0.0
 
 
+def read_client_report(paths: RunPaths) -> dict[str, Any] | None:
+    """What the trainer-side client last reported (captures it had to skip), for status;
+    None when there is none or it is unreadable (the trainer owns that file, not us)."""
+    try:
+        fields = Fields(paths.client_report, read_json(paths.client_report))
+        return {
+            "pid": fields.count("pid"),
+            "skipped_captures": fields.count("skipped_captures", 0),
+            "last_skip_reason": fields.text("last_skip_reason", ""),
+            "last_skip_step": fields.optional_count("last_skip_step"),
+            "updated": fields.number("updated", 0.0),
+        }
+    except (OSError, ProtocolError):
+        return None
+
+
 def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:
     """Seconds since the daemon last refreshed status.json, or None when it never did.
 
@@ -338,12 +359,7 @@ def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
 
 
 def metrics_from_json(raw: object) -> dict[str, float]:
+    """Lenient: the metrics of a mapping that may hold anything; what is no metric is left out."""
     if not isinstance(raw, dict):
         return {}
-    out: dict[str, float] = {}
-    for key, value in raw.items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            continue
-    return out
+    return {str(k): v for k, v in ((k, metric_value(v)) for k, v in raw.items()) if v is not None}

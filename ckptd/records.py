@@ -85,3 +85,4 @@ class CheckpointRecord:
     requested_step: int | None = None
     nbytes: int = 0
     created: float = 0.0
+    run_id: str = ""  # the run that wrote it: retention only touches its own run's

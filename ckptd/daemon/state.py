@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ckptd.fields import Fields
 from ckptd.protocol import atomic_write_json
 from ckptd.records import Best
 
@@ -31,13 +31,17 @@ class DaemonState:
     store: str
     criteria: tuple[str, ...] = ()
     seq: int = 0
-    judged_step: int = -1
+    judged_step: int = -1  # the step of the last eval judged (shown; never a filter)
     bests: dict[str, Best] = field(default_factory=dict)
     cursor: dict[str, Any] | None = None  # the event source's resume state, as it saved it
+    # Where this state lives: a run dir copied with ``cp -r`` has another inode, and its
+    # daemon must not share the original's run id (and so its staging slots).
+    run_dir: str = ""
+    run_dir_inode: int = 0
 
     @classmethod
     def fresh(cls, store: Path, criteria: tuple[str, ...]) -> DaemonState:
-        return cls(run_id=uuid.uuid4().hex[:12], store=str(store), criteria=criteria)
+        return cls(run_id=new_run_id(), store=str(store), criteria=criteria)
 
     def with_(self, **changes: Any) -> DaemonState:
         return replace(self, **changes)
@@ -52,27 +56,41 @@ class DaemonState:
             "judged_step": self.judged_step,
             "bests": bests_to_json(self.bests),
             "cursor": self.cursor,
+            "run_dir": self.run_dir,
+            "run_dir_inode": self.run_dir_inode,
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DaemonState:
-        if data.get("format") != STATE_FORMAT:
-            raise ValueError(f"unknown state format {data.get('format')!r}")
-        bests = {
-            str(m): Best(int(b["step"]), float(b["value"]))
-            for m, b in dict(data.get("bests") or {}).items()
-            if math.isfinite(float(b["value"]))
-        }
-        cursor = data.get("cursor")
+    def from_json(cls, path: Path, data: object) -> DaemonState:
+        """Every field checked; anything wrong is a ProtocolError naming the file and field."""
+        fields = Fields(path, data)
+        if fields.data.get("format") != STATE_FORMAT:
+            raise fields.error("format", str(STATE_FORMAT))
+        cursor = fields.mapping("cursor")
         return cls(
-            run_id=str(data["run_id"]),
-            store=str(data["store"]),
-            criteria=tuple(str(c) for c in data.get("criteria") or ()),
-            seq=int(data.get("seq", 0)),
-            judged_step=int(data.get("judged_step", -1)),
-            bests=bests,
-            cursor=cursor if isinstance(cursor, dict) else None,
+            run_id=fields.token("run_id"),
+            store=fields.text("store"),
+            criteria=fields.texts("criteria"),
+            seq=fields.count("seq", 0),
+            judged_step=fields.integer("judged_step", -1),
+            bests=_bests(fields),
+            cursor=dict(cursor) or None,
+            run_dir=fields.text("run_dir", ""),
+            run_dir_inode=fields.count("run_dir_inode", 0),
         )
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _bests(fields: Fields) -> dict[str, Best]:
+    bests = {}
+    for metric, entry in fields.mapping("bests").items():
+        best = Fields(fields.path, entry)
+        value = best.number("value")
+        bests[str(metric)] = Best(best.count("step"), value)
+    return bests
 
 
 def bests_to_json(bests: Mapping[str, Best]) -> dict[str, dict[str, float]]:
@@ -83,10 +101,12 @@ def load_state(path: Path) -> DaemonState | None:
     """The saved state, or None. A corrupt file is set aside (never deleted) and reported."""
 
     try:
-        return DaemonState.from_json(json.loads(path.read_bytes()))
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as exc:
+    try:
+        return DaemonState.from_json(path, json.loads(raw))
+    except (ValueError, RecursionError) as exc:  # ProtocolError and JSONDecodeError are ValueErrors
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         path.rename(aside)
         log.error("state file %s is unreadable (%s); moved to %s, starting fresh", path, exc, aside)
