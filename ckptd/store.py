@@ -28,8 +28,9 @@ from typing import Any, BinaryIO
 
 from filelock import FileLock
 
-from ckptd.errors import CorruptCheckpoint, StoreError
-from ckptd.protocol import fsync_dir, metrics_from_json, metrics_to_json
+from ckptd.errors import CorruptCheckpoint, StoreError, StoreOwned
+from ckptd.fields import Fields
+from ckptd.protocol import atomic_write_json, fsync_dir, metrics_from_json, metrics_to_json
 from ckptd.records import CheckpointRecord
 
 log = logging.getLogger("ckptd.store")
@@ -38,6 +39,8 @@ MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".ckptd-store.lock"
+OWNER_NAME = ".ckptd-store.json"
+OWNER_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8,})(?:-(\d+))?$")
 _CHUNK = 16 << 20
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-sha256")
@@ -103,7 +106,8 @@ class Store:
         self.root = Path(root)
 
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        with _doing("create the store", self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The lock every deleter holds (daemon retention, ``ckptd prune``)."""
@@ -180,13 +184,23 @@ class Store:
                 log.warning("skipping %s", exc)
         return sorted(records, key=lambda r: (r.step, r.created, r.name))
 
+    def checkpoint_dirs(self) -> list[str]:
+        """Directories named like a checkpoint, step order, whether their manifest reads or not.
+
+        ``list`` leaves out what it cannot read; ``verify`` must account for exactly those.
+        """
+        named = [e for e in self._entries() if _NAME.match(e.name) and e.is_dir() and not e.is_symlink()]
+        return sorted((e.name for e in named), key=_name_order)
+
     def read(self, name: str) -> CheckpointRecord:
         return _record(name, self.manifest(name))
 
     def manifest(self, name: str) -> dict[str, Any]:
         path = self.root / _plain(name) / MANIFEST
         try:
-            document = json.loads(path.read_bytes())
+            with _doing("read the manifest", path):
+                raw = path.read_bytes()
+            document = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StoreError(path, f"manifest is not valid JSON ({exc})") from exc
         if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
@@ -211,29 +225,119 @@ class Store:
     def verify(self, name: str) -> list[str]:
         """Problems found re-hashing every file against the manifest (empty: intact)."""
         document = self.manifest(name)
+        files = document.get("files")
+        if not isinstance(files, dict) or not files:
+            return ["manifest lists no files"]
         problems = []
-        for fname, expected in document.get("files", {}).items():
-            path = self.path_of(name) / _plain(fname)
-            try:
-                actual = _digest_file(path)
-            except FileNotFoundError:
-                problems.append(f"{fname}: missing")
-                continue
-            if actual.nbytes != expected.get("bytes"):
-                problems.append(f"{fname}: {actual.nbytes} bytes, manifest says {expected.get('bytes')}")
-            elif actual.sha256 != expected.get("sha256"):
-                problems.append(f"{fname}: sha256 mismatch")
+        for fname, expected in files.items():
+            problem = self._check_file(name, fname, expected)
+            if problem:
+                problems.append(f"{fname}: {problem}")
         return problems
+
+    def _check_file(self, name: str, fname: str, expected: object) -> str | None:
+        if not isinstance(expected, dict):
+            return "manifest entry is not an object"
+        if not _is_plain(fname):
+            return "not a plain file name"
+        try:
+            actual = _digest_file(self.path_of(name) / fname)
+        except FileNotFoundError:
+            return "missing"
+        except OSError as exc:
+            return f"cannot read: {exc.strerror or exc}"
+        if actual.nbytes != expected.get("bytes"):
+            return f"{actual.nbytes} bytes, manifest says {expected.get('bytes')!r}"
+        if actual.sha256 != expected.get("sha256"):
+            return "sha256 mismatch"
+        return None
+
+    def claim(self, run_id: str, run_dir: Path) -> frozenset[str]:
+        """Make this store the run's own; return the run ids whose checkpoints it may rotate.
+
+        A store belongs to one run: two daemons rotating one store would delete each
+        other's checkpoints. The owner file names the run; a run that lost its state
+        (same run dir), a copied store (another inode) or a store whose run dir is gone
+        is adopted, and the ids of earlier owners are kept: their checkpoints are this
+        run's history. Anything else is refused with :class:`StoreOwned`.
+        """
+        with self.lock(timeout=60):
+            inode = self.root.stat().st_ino
+            owner = self._read_owner()
+            lineage: tuple[str, ...] = (run_id,)
+            if owner is not None:
+                earlier = owner.texts("run_ids")
+                if run_id not in earlier and not _adoptable(owner, run_dir, inode):
+                    raise StoreOwned(self.root, owner.text("run_id", "?"), owner.text("run_dir", "?"))
+                lineage = (*[r for r in earlier if r != run_id], run_id)
+            document = {
+                "format": OWNER_FORMAT,
+                "run_id": run_id,
+                "run_dir": str(run_dir),
+                "store_inode": inode,
+                "run_ids": list(lineage),
+            }
+            atomic_write_json(self.root / OWNER_NAME, document, durable=True)
+        return frozenset(lineage)
+
+    def _read_owner(self) -> Fields | None:
+        path = self.root / OWNER_NAME
+        try:
+            owner = Fields(path, json.loads(path.read_bytes()))
+            owner.texts("run_ids")
+            owner.count("store_inode")
+            return owner
+        except FileNotFoundError:
+            return None
+        except (ValueError, RecursionError) as exc:
+            aside = path.with_name(f"{OWNER_NAME}.corrupt-{int(time.time())}")
+            os.rename(path, aside)
+            log.error("owner file %s is unreadable (%s); moved to %s", path, exc, aside.name)
+            return None
 
     def _entries(self) -> list[Path]:
         try:
-            return list(self.root.iterdir())
+            with _doing("list the store", self.root):
+                return list(self.root.iterdir())
         except FileNotFoundError:
             return []
 
 
+def _adoptable(owner: Fields, run_dir: Path, inode: int) -> bool:
+    owner_dir = owner.text("run_dir", "")
+    return (
+        owner_dir == str(run_dir)  # the same run, restarted without its state
+        or owner.count("store_inode") != inode  # a copy of the store: the original is elsewhere
+        or not owner_dir
+        or not Path(owner_dir).is_dir()  # the run that made it is gone
+    )
+
+
+def _name_order(name: str) -> tuple[int, int]:
+    found = _NAME.match(name)
+    return (int(found[1]), int(found[2] or 1)) if found else (-1, 0)
+
+
+@contextmanager
+def _doing(action: str, path: Path) -> Iterator[None]:
+    """Turn a bare ``[Errno 13] Permission denied`` into "cannot <action> <path>: ...".
+
+    FileNotFoundError passes through untouched: callers treat it as "not there (yet)".
+    """
+    try:
+        yield
+    except (FileNotFoundError, StoreError):
+        raise
+    except OSError as exc:
+        raise StoreError(path, exc.strerror or str(exc), action=action, code=exc.errno) from exc
+
+
+def _is_plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
 def _plain(name: str) -> str:
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
+    if not _is_plain(name):
         raise StoreError(name, "not a plain file name")
     return name
 
@@ -249,16 +353,17 @@ def _digest_file(path: Path) -> FileDigest:
 
 
 def _record(name: str, document: Mapping[str, Any]) -> CheckpointRecord:
+    fields = Fields(f"{name}/{MANIFEST}", document)
     try:
-        requested = document.get("requested_step")
         return CheckpointRecord(
             name=name,
-            step=int(document["step"]),
-            tags=tuple(str(t) for t in document.get("tags", ())),
-            metrics=metrics_from_json(document.get("metrics")),
-            requested_step=None if requested is None else int(requested),
-            nbytes=int(document.get("bytes", 0)),
-            created=float(document.get("created", 0.0)),
+            step=fields.count("step"),
+            tags=fields.texts("tags"),
+            metrics=metrics_from_json(fields.mapping("metrics")),
+            requested_step=fields.optional_count("requested_step"),
+            nbytes=fields.count("bytes", 0),
+            created=fields.number("created", 0.0),
+            run_id=fields.text("run_id", ""),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except ValueError as exc:
         raise CorruptCheckpoint(name, f"manifest lacks a valid field ({exc})") from exc

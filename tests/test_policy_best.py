@@ -195,27 +195,27 @@ def test_entries_for_other_metrics_are_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    ("step", "value"),
+    ("step", "value", "action"),
     [
-        pytest.param(1100, 0.2, id="same-step-same-value"),
-        pytest.param(1100, 0.1, id="same-step-better-value"),
-        pytest.param(1050, 0.1, id="earlier-step-better-value"),
+        pytest.param(1100, 0.2, "skip", id="same-step-same-value"),
+        # A second eval line at the same step (HF's multi-dataset evals log one line each).
+        pytest.param(1100, 0.1, "snapshot", id="same-step-better-value"),
+        # A run resumed from an earlier checkpoint logs lower steps again: its bests are real.
+        pytest.param(850, 0.1, "snapshot", id="earlier-step-better-value"),
+        pytest.param(850, 0.3, "skip", id="earlier-step-worse-value"),
     ],
 )
-def test_replayed_step_is_not_judged_again(step: int, value: float) -> None:
+def test_issue7_10_judged_by_value_whatever_the_step(step: int, value: float, action: str) -> None:
     bests = {"eval_loss": Best(1100, 0.2)}
     j = judge([LOSS], bests, LogEvent(step, {"eval_loss": value}))
     assert j.verdict is not None
-    assert j.verdict.action == "skip"
-    assert j.verdict.tags == ()
-    assert "already judged" in j.verdict.reason
-    assert j.bests == bests
+    assert j.verdict.action == action
+    assert j.bests == (bests if action == "skip" else {"eval_loss": Best(step, value)})
 
 
-def test_replay_is_per_criterion() -> None:
-    # Loss was last best at 1100, acc at 1000: a line at 1050 is new for acc only.
+def test_a_resumed_step_is_judged_per_criterion() -> None:
     bests = {"eval_loss": Best(1100, 0.2), "eval_acc": Best(1000, 0.8)}
-    j = judge([LOSS, ACC], bests, LogEvent(1050, {"eval_loss": 0.1, "eval_acc": 0.9}))
+    j = judge([LOSS, ACC], bests, LogEvent(1050, {"eval_loss": 0.3, "eval_acc": 0.9}))
     assert j.verdict is not None
     assert j.verdict.tags == ("best:eval_acc",)
     assert j.bests == {"eval_loss": Best(1100, 0.2), "eval_acc": Best(1050, 0.9)}

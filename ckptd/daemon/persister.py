@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckptd.errors import SnapshotError
 from ckptd.policy import PreservationPolicy, plan_deletions
 from ckptd.protocol import Ack
 from ckptd.records import CheckpointRecord
+from ckptd.staging import read_slot_token
 from ckptd.store import Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -28,7 +30,11 @@ log = logging.getLogger("ckptd.daemon")
 class Job:
     ack_path: Path
     ack: Ack
-    metrics: Mapping[str, float]
+    metrics: Mapping[str, float]  # the daemon's memory of that eval, for acks that carry none
+
+
+class SlotLost(SnapshotError):
+    """The slot an ack names is gone, short, or holds another capture: retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class Outcome:
     record: CheckpointRecord | None = None
     deleted: tuple[str, ...] = ()
     error: str | None = None
+    slot_lost: bool = False
     seconds: float = 0.0
 
 
@@ -50,11 +57,18 @@ class Persister:
         policy: PreservationPolicy,
         run_id: str,
         done: Callable[[Outcome], None],
+        *,
+        criteria: Mapping[str, str],
+        lineage: frozenset[str],
+        best_steps: Callable[[], frozenset[int]],
     ) -> None:
         self.store = store
         self.staging = staging
         self.policy = policy
         self.run_id = run_id
+        self.criteria = dict(criteria)  # metric -> mode, recorded in every manifest
+        self.lineage = lineage  # run ids whose checkpoints retention may delete
+        self._best_steps = best_steps  # steps the daemon's state names as a best
         self._done = done
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="ckptd-persister", daemon=True)
@@ -71,9 +85,16 @@ class Persister:
         self._thread.join()
 
     def rotate(self) -> tuple[str, ...]:
-        """Delete what the policy does not keep, under the store lock shared with the CLI."""
+        """Delete what the policy does not keep, under the store lock shared with the CLI.
+
+        Only this run's checkpoints are candidates, and never one at a step the state
+        names as a best: defence in depth should a manifest ever lack its metrics.
+        """
         with self.store.lock(timeout=60):
-            doomed = plan_deletions(self.store.list(), self.policy)
+            records = [r for r in self.store.list() if r.run_id in self.lineage]
+            best_steps = self._best_steps()
+            protected = [r.name for r in records if r.step in best_steps]
+            doomed = plan_deletions(records, self.policy, protected)
             for record in doomed:
                 self.store.delete(record.name)
                 log.info("rotated out %s", record.name)
@@ -85,6 +106,8 @@ class Persister:
             try:
                 record = self._persist(job)
                 deleted = self.rotate()
+            except SlotLost as exc:
+                outcome = Outcome(job, error=str(exc), slot_lost=True)
             except Exception as exc:  # a dead worker would silently stop all persists: report, go on
                 if not isinstance(exc, (OSError, ValueError)):
                     log.exception("unexpected error persisting %s", job.ack_path.name)
@@ -105,29 +128,51 @@ class Persister:
     def _copy_and_commit(self, job: Job) -> CheckpointRecord:
         ack = job.ack
         slot = self.staging / ack.slot
+        self._check_slot(ack, slot)
         with self.store.writing(ack.captured_step) as pending:
             for name, nbytes in sorted(ack.files.items()):
                 pending.copy_in(name, slot / name, nbytes)
-            return self.store.commit(
-                pending,
-                {
-                    "requested_step": ack.requested_step,
-                    "exact": ack.requested_step in (None, ack.captured_step),
-                    "tags": list(ack.tags),
-                    "reason": ack.reason,
-                    "metrics": dict(job.metrics),
-                    "run_id": self.run_id,
-                    "ack": {"name": ack.name, "seq": ack.seq, "created": ack.created},
-                    "captured_at": ack.created,
-                },
-            )
+            # Checked again after the copy: a writer that touched the slot meanwhile changed it.
+            self._check_slot(ack, slot)
+            return self.store.commit(pending, self._manifest(job))
+
+    def _manifest(self, job: Job) -> dict[str, object]:
+        ack = job.ack
+        return {
+            "requested_step": ack.requested_step,
+            "exact": ack.requested_step in (None, ack.captured_step),
+            "tags": list(ack.tags),
+            "reason": ack.reason,
+            "metrics": dict(ack.metrics or job.metrics),
+            "criteria": self.criteria,
+            "run_id": self.run_id,
+            "ack": {"name": ack.name, "seq": ack.seq, "created": ack.created},
+            "captured_at": ack.created,
+        }
+
+    @staticmethod
+    def _check_slot(ack: Ack, slot: Path) -> None:
+        """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
+        not shorter than the ack says, not overwritten by another writer."""
+        for name, nbytes in ack.files.items():
+            try:
+                size = (slot / name).stat().st_size
+            except FileNotFoundError:
+                raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
+            if size < nbytes:
+                raise SlotLost(f"{slot / name} holds {size} of the {nbytes} bytes the ack names")
+        if ack.token and read_slot_token(slot) != ack.token:
+            raise SlotLost(f"slot {slot} holds another capture than ack {ack.name} (token mismatch)")
 
     def _already_committed(self, ack: Ack) -> CheckpointRecord | None:
         """A daemon killed between commit and ack removal must not store the snapshot twice."""
         for record in self.store.list():
             if record.step != ack.captured_step:
                 continue
-            stamp = self.store.manifest(record.name).get("ack") or {}
-            if stamp.get("name") == ack.name and stamp.get("created") == ack.created:
+            stamp = self.store.manifest(record.name).get("ack")
+            if isinstance(stamp, dict) and (stamp.get("name"), stamp.get("created")) == (
+                ack.name,
+                ack.created,
+            ):
                 return record
         return None

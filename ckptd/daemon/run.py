@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from ckptd import __version__
 from ckptd.config import RunConfig
 from ckptd.daemon.persister import Job, Outcome, Persister
-from ckptd.daemon.state import DaemonState, bests_to_json, load_state, save_state
+from ckptd.daemon.state import DaemonState, bests_to_json, load_state, new_run_id, save_state
 from ckptd.errors import DaemonAlreadyRunning, ProtocolError
 from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.policy import best_plus_last, judge
@@ -39,11 +39,12 @@ from ckptd.protocol import (
     atomic_write_json,
     pending_ack_paths,
     read_ack,
+    read_client_report,
     read_control,
     verdict_to_json,
     write_control,
 )
-from ckptd.records import LogEvent, Verdict
+from ckptd.records import Best, LogEvent, Verdict
 from ckptd.staging import busy_slots, staging_dir_for
 from ckptd.store import Store
 
@@ -51,6 +52,9 @@ log = logging.getLogger("ckptd.daemon")
 
 _RECENT_EVALS = 4096  # eval metrics remembered for manifests of captures that arrive later
 _RETRY_AFTER_S = 5.0  # a failed persist (disk full, ...) is retried this long after
+_SLOT_TRIES = 3  # an ack whose slot is gone or overwritten is set aside after this many tries
+_SLOT_RETRY_S = 1.0
+_UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,9 @@ class RunDaemon:
         self._stop_requested = threading.Event()
         self._queued: set[str] = set()  # ack file names the persister has and has not reported on
         self._retry_at: dict[str, float] = {}  # ack file name -> monotonic time of the next try
+        self._slot_tries: dict[str, int] = {}  # ack file name -> tries that found its slot lost
+        self._best_steps: frozenset[int] = frozenset()
+        self._unseen_warned = False
         self._evals: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._started = time.time()
         self._last_verdict: Verdict | None = None
@@ -103,6 +110,10 @@ class RunDaemon:
                 self._loop()
             finally:
                 self._halt()
+        except BaseException:
+            if hasattr(self, "_state"):
+                self._remove_idle_slots()  # a failed start must not leave an empty staging dir
+            raise
         finally:
             lock.release()
         return 0
@@ -111,11 +122,7 @@ class RunDaemon:
 
     def _start(self) -> None:
         self.paths.acks.mkdir(mode=0o700, exist_ok=True)
-        self.store.ensure()
-        for name in self.store.clean_temp():
-            log.warning("removed %s left in the store by an interrupted write", name)
         self._state = self._load_or_create_state()
-        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._source = open_source(
             self.config.log,
             self.config.log_format,
@@ -124,15 +131,26 @@ class RunDaemon:
             regex=self.config.regex,
             cursor=self._state.cursor,
         )
+        self.store.ensure()
+        lineage = self.store.claim(self._state.run_id, self.config.run_dir)
+        for name in self.store.clean_temp():
+            log.warning("removed %s left in the store by an interrupted write", name)
+        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._persister = Persister(
             self.store,
             self.staging,
             best_plus_last(dict(self.config.best), self.config.keep_last, self.config.keep_every),
             self._state.run_id,
             lambda outcome: self._wakeups.put(Wake("persisted", outcome)),
+            criteria={c.metric: c.mode for c in self.config.criteria},
+            lineage=lineage,
+            best_steps=lambda: self._best_steps,
         )
-        # Catch up first: history establishes the best, it is never judged as news.
-        self._follow(live=False)
+        self._note_bests()
+        # Catch up first: history establishes the best, it is never judged as news. Its end
+        # was fixed when the source opened, so an eval appended meanwhile is live news.
+        while not self._source.history_done and not self._stop_requested.is_set():
+            self._judge_all(self._source.read_history(), live=False)
         self._publish(verdict=None)  # a fresh control: no stale verdict for a new trainer
         self._save_state()
         self._write_status()
@@ -149,13 +167,41 @@ class RunDaemon:
 
     def _load_or_create_state(self) -> DaemonState:
         criteria = tuple(f"{c.metric}:{c.mode}" for c in self.config.criteria)
+        inode = self.config.run_dir.stat().st_ino
         state = load_state(self.paths.state)
         if state is None:
             state = DaemonState.fresh(self.config.store, criteria)
+        elif state.run_dir_inode not in (0, inode):
+            state = self._as_copy(state)
         seq = state.seq
         with contextlib.suppress(FileNotFoundError, ProtocolError):
             seq = max(seq, read_control(self.paths.control).seq)
-        return state.with_(seq=seq, store=str(self.config.store), criteria=criteria)
+        return state.with_(
+            seq=seq,
+            store=str(self.config.store),
+            criteria=criteria,
+            bests=_bests_still_meant(state, criteria),
+            run_dir=str(self.config.run_dir),
+            run_dir_inode=inode,
+        )
+
+    def _as_copy(self, state: DaemonState) -> DaemonState:
+        """A run dir copied with its .ckptd/ gets its own run id, so its own staging slots.
+
+        Its pending acks name slots of the original run: committing them could store the
+        other run's weights, so they are set aside.
+        """
+        fresh = state.with_(run_id=new_run_id())
+        log.warning(
+            "%s is a copy of %s (another directory): it gets its own run id %s (was %s)",
+            self.config.run_dir,
+            state.run_dir or "another run",
+            fresh.run_id,
+            state.run_id,
+        )
+        for path in pending_ack_paths(self.paths):
+            self._reject(path, f"it was copied from {state.run_dir or 'another run'} with the run dir")
+        return fresh
 
     @property
     def staging(self) -> Path:
@@ -193,10 +239,13 @@ class RunDaemon:
             except queue.Empty:
                 pass
             try:
-                self._follow(live=True)
+                self._follow()
                 self._submit_acks()
             except OSError as exc:  # an unreadable log or acks dir may heal; the heartbeat says what
                 self._error(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug must not stop the persists of acked snapshots
+                log.exception("unexpected error; the daemon goes on")
+                self._error(f"unexpected {type(exc).__name__}: {exc}")
             if time.monotonic() >= next_beat:
                 self._write_status()
                 self._save_state()
@@ -226,28 +275,64 @@ class RunDaemon:
 
     # -- follow and judge --------------------------------------------------------------------
 
-    def _follow(self, *, live: bool) -> None:
+    def _follow(self) -> None:
         """Judge what the log gained, a stretch at a time; a stop request is heard in between."""
         while True:
-            for event in self._source.read_events():
-                self._on_event(event, live=live)
-            if not self._source.behind or self._stop_requested.is_set():
+            if not self._source.history_done:  # a re-detected format reads its history again
+                self._judge_all(self._source.read_history(), live=False)
+            elif self._judge_all(self._source.read_events(), live=True):
+                # After the stretch, not each verdict: the cursor then covers every event
+                # judged, so a daemon killed here re-judges a stretch rather than skip one.
+                self._save_state(durable=False)
+            caught_up = self._source.history_done and not self._source.behind
+            if caught_up or self._stop_requested.is_set():
                 return
 
-    def _on_event(self, event: LogEvent, *, live: bool) -> None:
-        self._remember(event)
-        if event.step <= self._state.judged_step:
-            return  # already judged before a restart or a rotation: never re-issue
+    def _judge_all(self, events: list[LogEvent], *, live: bool) -> bool:
+        """Judge each event once, in log order; True when a verdict was published."""
+        published = False
+        for event in events:
+            published |= self._on_event(event, live=live)
+        return published
+
+    def _on_event(self, event: LogEvent, *, live: bool) -> bool:
+        """Every new log line is judged by its position, whatever its step: a lower step is a
+        resumed run (or a new run in the same log), and its bests are real."""
+        if self._is_replay(event):
+            return False
         judgement = judge(self.config.criteria, self._state.bests, event)
         if judgement.verdict is None:
-            return
+            return False
+        if event.step < self._state.judged_step:
+            log.info(
+                "step %d follows step %d: the run resumed from an earlier step (or a new run "
+                "writes this log); judging it",
+                event.step,
+                self._state.judged_step,
+            )
         self._state = self._state.with_(bests=dict(judgement.bests), judged_step=event.step)
-        if live:
-            self._publish(judgement.verdict)
-            log.info("step %d: %s (%s)", event.step, judgement.verdict.action, judgement.verdict.reason)
+        self._note_bests()
+        if not live:
+            return False
+        self._publish(judgement.verdict)
+        log.info("step %d: %s (%s)", event.step, judgement.verdict.action, judgement.verdict.reason)
+        return True
+
+    def _is_replay(self, event: LogEvent) -> bool:
+        """An event identical to one already judged (same step, same values) is a log read
+        again (a rewritten CSV, a replaced file), not news: judging it again would re-issue."""
+        seen = self._evals.get(event.step)
+        replay = seen is not None and all(seen.get(k) == v for k, v in event.metrics.items())
+        self._remember(event)
+        return replay
+
+    def _note_bests(self) -> None:
+        # One reference swap: the persister thread reads it without a lock.
+        self._best_steps = frozenset(best.step for best in self._state.bests.values())
 
     def _remember(self, event: LogEvent) -> None:
         self._evals.setdefault(event.step, {}).update(event.metrics)
+        self._evals.move_to_end(event.step)
         if len(self._evals) > _RECENT_EVALS:
             # popitem, not del d[next(iter(d))]: a plain dict emptied from the front is
             # scanned past its deleted slots on every call, which a long catch-up felt.
@@ -267,9 +352,6 @@ class RunDaemon:
         )
         if verdict is not None:
             self._last_verdict = verdict
-            # Right after each verdict, so a killed daemon never re-issues it; without the
-            # fsyncs, which cost milliseconds per eval: the heartbeat makes it durable.
-            self._save_state(durable=False)
 
     # -- persist ------------------------------------------------------------------------------
 
@@ -287,19 +369,26 @@ class RunDaemon:
             except ProtocolError as exc:
                 self._reject(path, str(exc))
                 continue
-            metrics = self._evals.get(ack.requested_step or ack.captured_step, {})
+            metrics = self._evals.get(ack.eval_step, {})
             self._queued.add(path.name)
             self._persister.submit(Job(path, ack, metrics))
 
     def _reject(self, path: Path, problem: str) -> None:
         """A bad ack is set aside so it never holds a slot or stops the loop."""
         aside = path.with_name(path.name + ".rejected")
-        path.rename(aside)
+        try:
+            path.rename(aside)
+        except FileNotFoundError:
+            return  # the trainer replaced or removed it meanwhile
+        self._slot_tries.pop(path.name, None)
         self._error(f"rejected ack {path.name}: {problem} (kept as {aside.name})")
 
     def _on_persisted(self, outcome: Outcome) -> None:
         name = outcome.job.ack_path.name
         self._queued.discard(name)
+        if outcome.slot_lost:
+            self._on_slot_lost(outcome)
+            return
         if outcome.error is not None:
             self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
             self._error(
@@ -319,6 +408,16 @@ class RunDaemon:
             outcome.record.nbytes / 2**20,
             outcome.seconds,
         )
+
+    def _on_slot_lost(self, outcome: Outcome) -> None:
+        """A slot that is gone or holds another capture will not heal: a few tries (the trainer
+        may still be writing it), then the ack is set aside and frees nothing it still holds."""
+        name = outcome.job.ack_path.name
+        tries = self._slot_tries[name] = self._slot_tries.get(name, 0) + 1
+        if tries >= _SLOT_TRIES:
+            self._reject(outcome.job.ack_path, f"{outcome.error} ({tries} tries)")
+        else:
+            self._retry_at[name] = time.monotonic() + _SLOT_RETRY_S
 
     def _remove_idle_slots(self) -> None:
         """Slots no pending ack holds would otherwise pin shared memory after we are gone."""
@@ -344,13 +443,8 @@ class RunDaemon:
         save_state(self.paths.state, self._state, durable=durable)
 
     def _write_status(self, state: str = "running") -> None:
-        cursor = self._source.cursor() or {}
-        try:
-            log_size = self.config.log.stat().st_size
-        except FileNotFoundError:
-            log_size = None
-        offset = cursor.get("offset")
         verdict = self._last_verdict
+        self._warn_unseen_metrics()
         atomic_write_json(
             self.paths.status,
             {
@@ -365,19 +459,40 @@ class RunDaemon:
                 "run_id": self._state.run_id,
                 "log": str(self.config.log),
                 "log_format": self._source.name,
-                "log_offset": offset,
-                "log_lag_bytes": None if log_size is None or offset is None else max(0, log_size - offset),
+                "log_offset": (self._source.cursor() or {}).get("offset"),
+                "log_lag_bytes": self._source.lag_bytes(),
                 "watcher": self._watchers[0].mode if self._watchers else None,
                 "store": str(self.config.store),
+                "criteria": [
+                    {"metric": c.metric, "mode": c.mode, "keep": keep} for c, keep in self.config.best
+                ],
                 "bests": bests_to_json(self._state.bests),
                 "last_verdict": None if verdict is None else verdict_to_json(verdict),
                 "persisted": self._persisted,
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),
                 "malformed_lines": dict(self._source.malformed.counts),
+                "log_notes": self._source.notes(),
+                "trainer": read_client_report(self.paths),
                 "last_error": self._last_error,
             },
         )
+
+    def _warn_unseen_metrics(self) -> None:
+        """A watched metric that never appears gets one warning naming what the log does hold:
+        else the daemon judges nothing in silence while the trainer waits at every eval."""
+        if self._unseen_warned:
+            return
+        seen = self._source.metric_names_seen()
+        evals = sorted(m for m in seen if "eval" in m or "val" in m)
+        judged = {m for metrics in self._evals.values() for m in metrics}
+        missing = [c.metric for c in self.config.criteria if c.metric not in judged]
+        if missing and (evals or len(self._evals) >= _UNSEEN_AFTER_EVALS):
+            self._unseen_warned = True
+            self._error(
+                f"no line of {self.config.log} so far holds {', '.join(missing)}; metrics seen: "
+                f"{', '.join(sorted(seen)[:20]) or 'none'} (check --metric / --best)"
+            )
 
     def _holder(self) -> str:
         try:
@@ -385,6 +500,23 @@ class RunDaemon:
             return f"pid {status.get('pid')} on {status.get('host')}"
         except (OSError, ValueError):
             return "holder unknown"
+
+
+def _bests_still_meant(state: DaemonState, criteria: tuple[str, ...]) -> dict[str, Best]:
+    """Bests of criteria still watched the same way: a metric now judged in the other
+    direction (``--mode`` changed) has no best yet; its old one would be the worst."""
+    kept = {}
+    for metric, best in state.bests.items():
+        spec = f"{metric}:{_mode_of(metric, state.criteria)}"
+        if spec in criteria:
+            kept[metric] = best
+        else:
+            log.warning("forgetting the best %s of %s: the criterion is now %s", best, spec, criteria)
+    return kept
+
+
+def _mode_of(metric: str, criteria: tuple[str, ...]) -> str:
+    return next((c.rpartition(":")[2] for c in criteria if c.rpartition(":")[0] == metric), "")
 
 
 def _memory(process: psutil.Process) -> dict[str, int]:

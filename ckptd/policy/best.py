@@ -52,9 +52,9 @@ def judge(criteria: Sequence[Criterion], bests: Mapping[str, Best], event: LogEv
     ``bests`` is keyed by ``criterion.metric``. The verdict is ``snapshot`` when at least
     one criterion improved (its tags in ``criteria`` order), else ``skip``.
 
-    Replays: for a criterion whose best was seen at ``event.step`` or later, the event
-    counts as no improvement. A log followed again from an older offset (a daemon
-    restart, a rotated file) thus never re-issues a snapshot for a step already judged.
+    Only values count, never the step: a step lower than the best's is a resumed run
+    (or a new run writing the same log), and its better eval is a real best. Not judging
+    a line twice is the caller's job (the daemon follows the log by position).
 
     Raises ConfigError when two criteria watch the same metric, since their bests
     would share one key. The inputs are not modified.
@@ -68,7 +68,7 @@ def judge(criteria: Sequence[Criterion], bests: Mapping[str, Best], event: LogEv
     reasons: list[str] = []
     for criterion in watched:
         value = event.metrics[criterion.metric]
-        improved, reason = _judge_one(criterion, value, bests.get(criterion.metric), event.step)
+        improved, reason = _judge_one(criterion, value, bests.get(criterion.metric))
         reasons.append(reason)
         if improved:
             tags.append(criterion.tag)
@@ -83,15 +83,13 @@ def judge(criteria: Sequence[Criterion], bests: Mapping[str, Best], event: LogEv
     return Judgement(verdict=verdict, bests=new_bests)
 
 
-def _judge_one(criterion: Criterion, value: float, best: Best | None, step: int) -> tuple[bool, str]:
+def _judge_one(criterion: Criterion, value: float, best: Best | None) -> tuple[bool, str]:
     """One criterion's decision on one value, with the short reason a user reads."""
     name = criterion.metric
     if not math.isfinite(value):
         return False, f"{name} is {value}: never best"
     if best is None:
         return True, f"{name} {value:.6g}: first value"
-    if step <= best.step:
-        return False, f"{name} @{step} already judged (best @{best.step})"
     if is_improvement(criterion, value, best):
         op = "<" if criterion.mode == "min" else ">"
         return True, f"{name} {value:.6g} {op} best {best.value:.6g} @{best.step}"
