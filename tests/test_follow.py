@@ -120,9 +120,17 @@ def test_rename_rotation_drains_old_file_then_reads_new(log: Path, follower: Log
     os.rename(log, rotated)
     append(rotated, b"c\nd")  # written late to the old file, last line unterminated
     log.write_bytes(b"e\n")
-    assert follower.read_lines() == [b"c", b"d", b"e"]
-    assert follower.rewinds == 0
+    assert follower.read_lines() == [b"c", b"e"]
     assert follower.cursor == Cursor(log.stat().st_ino, 2, b"e\n".hex())
+    # The old file is finished once it has been quiet: then its unterminated last line counts.
+    quick = LogFollower(log, rotation_quiet_s=0)
+    assert quick.read_lines() == [b"e"]
+    os.rename(log, log.with_name("e.1"))
+    append(log.with_name("e.1"), b"f")
+    log.write_bytes(b"g\n")
+    assert quick.read_lines() == [b"g", b"f"]
+    quick.close()
+    assert follower.rewinds == 0
 
 
 def test_deleted_file_is_read_while_written_then_replacement_from_start(
@@ -136,8 +144,10 @@ def test_deleted_file_is_read_while_written_then_replacement_from_start(
         assert follower.read_lines() == [b"b"]
         assert follower.read_lines() == []
     log.write_bytes(b"new\n")
-    # The old file is finished once another takes its name: its last line counts.
-    assert follower.read_lines() == [b"c", b"new"]
+    # The old file is finished once another takes its name and it is quiet: its last line counts.
+    assert follower.read_lines() == [b"new"]
+    follower.rotation_quiet_s = 0  # as if it had been quiet for long
+    assert follower.read_lines() == [b"c"]
     assert follower.rewinds == 0
 
 
@@ -376,17 +386,22 @@ def test_watcher_stop_joins_its_threads_and_is_idempotent(
     assert not woken.wait(0.2)
 
 
-def test_watcher_falls_back_to_polling_when_inotify_cannot_start(
-    tmp_path: Path, woken: threading.Event
+def test_issue7_22_missing_parent_is_waited_for_with_inotify(
+    tmp_path: Path, woken: threading.Event, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # inotify cannot watch a directory that does not exist: the start fails with OSError.
-    log = tmp_path / "later" / "logging.jsonl"
-    watcher = _watcher(log, woken, False)
+    # A folder that does not exist yet is no reason to poll: its nearest ancestor is watched.
+    log = tmp_path / "later" / "deeper" / "logging.jsonl"
+    with caplog.at_level(logging.INFO, logger="ckptd.logs"):
+        watcher = _watcher(log, woken, False)
     try:
-        assert watcher.mode == "polling"
-        log.parent.mkdir()
+        assert watcher.mode == f"inotify (waiting for {log} to appear)"
+        assert "unavailable" not in caplog.text
+        log.parent.mkdir(parents=True)
+        assert woken.wait(2)  # the watch moved down to the new folder, and said so
+        woken.clear()
         log.write_bytes(b"a\n")
         assert woken.wait(2)
+        assert watcher.mode == "inotify"
     finally:
         watcher.stop()
 

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
     FileModifiedEvent,
@@ -25,13 +30,16 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.utils import UnsupportedLibcError
 
 logger = logging.getLogger("ckptd.logs")
 
 _CHUNK = 1 << 20
 _HEAD_BYTES = 64
+# A rotated file is read until it has been quiet this long: a writer may still append to it
+# until it reopens its log by name, and those lines belong to the run as much as any other.
+ROTATION_QUIET_S = 2.0
 
 
 def _is_count(value: object) -> bool:
@@ -75,6 +83,52 @@ class Cursor:
         return cls(inode, offset, raw.hex())  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class HistoryEnd:
+    """Where the history of a log ends: the file (device, inode) and its size when the source opened.
+
+    Complete lines wholly before ``size`` are history (read to establish bests, never judged as
+    news); everything after it, including a line that crosses it, is live.
+    """
+
+    dev: int
+    ino: int
+    size: int
+
+
+def history_end_at(path: Path, cursor: Cursor | None = None) -> HistoryEnd | None:
+    """The history boundary of the file at ``path`` now; None when there is no history to read
+    (no file, a directory, an empty file, or a cursor already at or past the end)."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return None
+    if cursor is not None and cursor.inode == st.st_ino and cursor.offset >= st.st_size:
+        return None
+    return HistoryEnd(st.st_dev, st.st_ino, st.st_size)
+
+
+class _Rotated:
+    """A file that lost its name to a new one but may still be written: read until quiet.
+
+    Holds only what is needed to cut its new bytes into whole lines; its lines are never part
+    of the cursor (a restarted daemon cannot find a renamed file again).
+    """
+
+    def __init__(self, fd: int, pos: int, partial: bytes, discarding: bool, now: float) -> None:
+        self.fd = fd
+        self.pos = pos
+        self.partial = bytearray(partial)
+        self.discarding = discarding
+        self.last_growth = now
+        self.grew_later = False  # grew after the read that found it rotated
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+
 class LogFollower:
     """Returns the complete lines appended to one file since the previous call.
 
@@ -83,10 +137,26 @@ class LogFollower:
     trailing ``\\r``); a line is never returned half, and never twice except after a rewind.
     """
 
-    def __init__(self, path: Path, cursor: Cursor | None = None, max_line_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        path: Path,
+        cursor: Cursor | None = None,
+        max_line_bytes: int = 1 << 20,
+        *,
+        history: HistoryEnd | bool | None = True,
+        rotation_quiet_s: float = ROTATION_QUIET_S,
+    ) -> None:
+        """``history``: True takes the boundary from the file at ``path`` now; a
+        :class:`HistoryEnd` (or None: no history) is given by a source re-opened on the same log."""
         if max_line_bytes < 1:
             raise ValueError(f"max_line_bytes must be >= 1, not {max_line_bytes}")
         self.path = Path(path)
+        self._history = history_end_at(self.path, cursor) if history is True else history or None
+        self.history_end = self._history  # kept after the history is read, to reopen the same log
+        self.rotation_quiet_s = rotation_quiet_s
+        self._rotated: list[_Rotated] = []
+        self._grew_since_rotation = True
+        self.stalled_note: str | None = None  # set while a rotated file grows and the new one does not
         self.rewinds = 0
         self.skipped_long_lines = 0
         self.at_end = True  # False when the last read_blocks stopped before the end of the file
@@ -128,16 +198,62 @@ class LogFollower:
         call takes is bounded, so catching up on a huge log stays small.
         """
         at_path = self._identity_at_path()
-        blocks: list[bytes] = []
+        blocks = self._read_rotated()
         if self._fd is not None and at_path is not None and at_path != self._ident:
-            # Another file took the name (rename-rotation, or deleted and recreated): the
-            # held one is finished, so drain it, unterminated last line included.
-            blocks = self._read_new(final=True, max_bytes=None)
-            self._close_fd()
+            # Another file took the name (rename-rotation, or deleted and recreated): read
+            # the held one to its end, and keep reading it until it is quiet, since the
+            # writer may append to it until it reopens the log by name.
+            blocks += self._read_new(final=False, max_bytes=None)
+            self._retire_fd()
         self.at_end = True
         if self._fd is None and (at_path is None or not self._open()):
             return blocks
-        return blocks + self._read_new(final=False, max_bytes=max_bytes)
+        new = self._read_new(final=False, max_bytes=max_bytes)
+        self._grew_since_rotation |= bool(new)
+        self._update_stalled_note()
+        return blocks + new
+
+    @property
+    def history_done(self) -> bool:
+        """True once every complete line before the history boundary was returned."""
+        end = self._history
+        if end is not None and self._fd is not None and self._ident == (end.dev, end.ino):
+            return self._read_pos >= end.size  # read_blocks may have read past it
+        return end is None
+
+    def read_history_blocks(self, max_bytes: int = _CHUNK) -> list[bytes]:
+        """Like :meth:`read_blocks`, but only lines that end before the history boundary.
+
+        The line crossing the boundary stays partial, so :meth:`read_blocks` returns it as new.
+        Once the boundary is reached (or cannot be: the file is gone, shrank, or is another
+        file now) :attr:`history_done` is True and this returns ``[]``.
+        """
+        end = self._history
+        if end is None:
+            return []
+        if self._fd is None and (self._identity_at_path() != (end.dev, end.ino) or not self._open()):
+            self._history = None  # the history file is no longer there: nothing left to read
+            return []
+        if self._ident != (end.dev, end.ino):
+            self._history = None
+            return []
+        rewinds = self.rewinds
+        blocks = self._read_new(final=False, max_bytes=max_bytes, stop=end.size)
+        if self._read_pos >= end.size or self.at_end or self.rewinds != rewinds:
+            self._history = None  # reached, or the file shrank under us: the rest is live
+            self.at_end = False  # what lies past the boundary is for read_blocks
+        return blocks
+
+    def lag_bytes(self) -> int:
+        """Bytes written to the followed file (and a rotated one still read) but not read yet."""
+        lag = sum(max(0, r.size() - r.pos) for r in self._rotated)
+        if self._fd is not None:
+            return lag + max(0, os.fstat(self._fd).st_size - self._read_pos)
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return lag
+        return lag + (st.st_size if stat.S_ISREG(st.st_mode) else 0)
 
     def lines_in(self, block: bytes) -> list[bytes]:
         """The lines of a block, over-long ones skipped and counted."""
@@ -152,23 +268,33 @@ class LogFollower:
 
     def close(self) -> None:
         """Release the file; a later :meth:`read_lines` resumes from :attr:`cursor`."""
+        for rotated in self._rotated:
+            os.close(rotated.fd)
+        self._rotated.clear()
         if self._fd is not None:
             self._resume = self.cursor
             self._close_fd()
 
     def _identity_at_path(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file at the path; None when there is none, or a directory is
+        there (``rm log; mkdir log``): that is "no log yet", never something to read."""
         try:
             st = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISDIR(st.st_mode):
             return None
         return (st.st_dev, st.st_ino)
 
     def _open(self) -> bool:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False  # removed between the stat and the open
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):  # replaced by a directory between the stat and the open
+            os.close(fd)
+            return False
         self._fd, self._ident, self._inode, self._seen = fd, (st.st_dev, st.st_ino), st.st_ino, None
         self._reset()
         cursor, self._resume = self._resume, None
@@ -193,7 +319,7 @@ class LogFollower:
         self._head = current[: min(_HEAD_BYTES, cursor.offset)]
         return True
 
-    def _read_new(self, *, final: bool, max_bytes: int | None) -> list[bytes]:
+    def _read_new(self, *, final: bool, max_bytes: int | None, stop: int | None = None) -> list[bytes]:
         st = os.fstat(self._require_fd())
         blocks: list[bytes] = []
         # Size and mtime unchanged since the file was last read to its end: nothing to read.
@@ -201,7 +327,7 @@ class LogFollower:
             if not self._same_content(st.st_size):
                 self.rewinds += 1
                 self._reset()
-            self.at_end = self._read_to_eof(blocks, max_bytes)
+            self.at_end = self._read_to_eof(blocks, max_bytes, stop)
             if self.at_end:
                 self._seen = (st.st_size, st.st_mtime_ns)
         if final:
@@ -221,19 +347,22 @@ class LogFollower:
         # file was rewritten even if its first bytes happen to be the same.
         return offset == 0 or os.pread(self._require_fd(), 1, offset - 1) == b"\n"
 
-    def _read_to_eof(self, blocks: list[bytes], max_bytes: int | None) -> bool:
-        """Read on, up to about ``max_bytes``; True when the end of the file was reached."""
+    def _read_to_eof(self, blocks: list[bytes], max_bytes: int | None, stop: int | None = None) -> bool:
+        """Read on, up to about ``max_bytes`` (and not past ``stop``); True at the end of the file."""
         fd = self._require_fd()
         budget = max_bytes
         while budget is None or budget > 0:
-            data = os.pread(fd, _CHUNK, self._read_pos)
+            want = _CHUNK if stop is None else min(_CHUNK, stop - self._read_pos)
+            if want <= 0:
+                return False  # at the boundary: the rest is for the next reader
+            data = os.pread(fd, want, self._read_pos)
             if not data:
                 return True
             if self._read_pos < _HEAD_BYTES:
                 self._head += data[: _HEAD_BYTES - self._read_pos]
             self._feed(data, blocks)
             self._read_pos += len(data)
-            if len(data) < _CHUNK:
+            if len(data) < want:
                 return True
             if budget is not None:
                 budget -= len(data)
@@ -285,6 +414,68 @@ class LogFollower:
         self._partial.clear()
         self._discarding = False
 
+    def _retire_fd(self) -> None:
+        """Move the held file aside to be read until quiet; the next read opens the new one."""
+        fd = self._require_fd()
+        self._rotated.append(
+            _Rotated(fd, self._read_pos, bytes(self._partial), self._discarding, time.monotonic())
+        )
+        self._fd = None
+        self._partial.clear()
+        self._discarding = False
+        self._grew_since_rotation = False
+
+    def _read_rotated(self) -> list[bytes]:
+        """New lines of rotated files; one quiet for ``rotation_quiet_s`` is finished and closed."""
+        blocks: list[bytes] = []
+        now = time.monotonic()
+        for rotated in list(self._rotated):
+            if self._drain(rotated, blocks):
+                rotated.last_growth, rotated.grew_later = now, True
+            elif now - rotated.last_growth >= self.rotation_quiet_s:
+                if rotated.partial and not rotated.discarding:
+                    blocks.append(bytes(rotated.partial))  # its unterminated last line
+                os.close(rotated.fd)
+                self._rotated.remove(rotated)
+        return blocks
+
+    def _drain(self, rotated: _Rotated, blocks: list[bytes]) -> bool:
+        """Append the complete new lines of ``rotated`` to ``blocks``; True when it grew."""
+        grew = False
+        while data := os.pread(rotated.fd, _CHUNK, rotated.pos):
+            grew = True
+            rotated.pos += len(data)
+            if rotated.discarding:
+                newline = data.find(b"\n")
+                if newline < 0:
+                    continue
+                rotated.discarding, data = False, data[newline + 1 :]
+            last = data.rfind(b"\n")
+            if last < 0:
+                rotated.partial += data
+            else:
+                blocks.append(bytes(rotated.partial) + data[:last])
+                rotated.partial = bytearray(data[last + 1 :])
+            if len(rotated.partial) > self._max_line:
+                self._skip_long_line()
+                rotated.partial.clear()
+                rotated.discarding = True
+        return grew
+
+    def _update_stalled_note(self) -> None:
+        growing = [r for r in self._rotated if r.grew_later]
+        if not growing or self._grew_since_rotation:
+            self.stalled_note = None
+            return
+        old = _fd_path(growing[0].fd)
+        note = (
+            f"{self.path} stopped growing while the rotated file {old} still grows: the trainer "
+            "writes to its old file (have it reopen its log after rotation, or use copytruncate)"
+        )
+        if note != self.stalled_note:
+            logger.warning("%s", note)
+        self.stalled_note = note
+
     def _require_fd(self) -> int:
         if self._fd is None:
             raise RuntimeError(f"{self.path}: no file is open")  # a bug in this class
@@ -296,32 +487,57 @@ class LogFollower:
             self._fd = None
 
 
+class _EmitterShutdownNoise(logging.Filter):
+    """Drops what watchdog's inotify emitter logs at ERROR when its folder vanished or the
+    observer stopped under it: at shutdown, or after a watched folder was deleted, it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_EmitterShutdownNoise())
+
+
+def _fd_path(fd: int) -> str:
+    """The current name of an open file, for messages (it moved since it was opened)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "(renamed)"
+
+
 _WAKING_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileDeletedEvent,
+    DirCreatedEvent,  # a folder on the way to the target: move the watch down
+    DirMovedEvent,
+    DirDeletedEvent,
 ]
 
 
 class _WakeOnPath(FileSystemEventHandler):
-    """Calls ``wake`` for events that touch the target path (or, with ``children``, any file below it)."""
+    """Turns watchdog events into wake-ups for one target path, and re-plans the watch when a
+    folder on the way to the target (or the target folder itself) appears or goes."""
 
-    def __init__(self, target: str, wake: Callable[[], None], children: bool) -> None:
-        self._target = target
-        self._wake = wake
-        self._children = children
+    def __init__(self, watcher: ChangeWatcher) -> None:
+        self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory:
-            return
+        target = self._watcher.target
         paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path)} - {""}
-        if self._children:
-            inside = any(p.startswith(self._target + os.sep) for p in paths)
+        if event.is_directory:
+            # A folder on the way to the target, or the target folder, came or went.
+            if any(target == p or target.startswith(p + os.sep) for p in paths):
+                self._watcher.replan()
+            return
+        if self._watcher.recursive:
+            inside = any(p.startswith(target + os.sep) for p in paths)
         else:
-            inside = self._target in paths
+            inside = target in paths
         if inside:
-            _call_wake(self._wake)
+            _call_wake(self._watcher.wake)
 
 
 def _call_wake(wake: Callable[[], None]) -> None:
@@ -335,7 +551,7 @@ def _call_wake(wake: Callable[[], None]) -> None:
 def _signature(path: str) -> tuple[int, int, int, int] | None:
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
@@ -343,10 +559,12 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
 class ChangeWatcher:
     """Calls ``wake()`` (from a background thread) whenever the file at ``path`` may have changed.
 
-    Watches the parent directory, which must exist, so the file may appear, be rotated or
-    be deleted. With ``children=True`` the path is a directory, which must exist, and any
-    file created, changed, moved or deleted in it or in a folder below it wakes (polling
-    sees only the directory's own entries change; the daemon's heartbeat reads the rest).
+    Watches the parent directory, so the file may appear, be rotated or be deleted. When the
+    path is a directory (or ``children=True`` and it appears as one), any file created, changed,
+    moved or deleted in it or in a folder below it wakes (polling sees only the directory's own
+    entries change; the daemon's heartbeat reads the rest). A path whose folder does not exist
+    yet is waited for with inotify on its nearest existing ancestor, moving down as folders
+    appear (and up again if they go), so a late ``runs/`` is seen at once.
     Uses inotify (through watchdog); with ``poll=True``, or when inotify cannot start
     (instance or watch limits, no inotify on this system), polls the path's (inode, size, mtime) every
     ``poll_interval`` seconds instead (a directory's mtime moves when an entry changes).
@@ -372,11 +590,31 @@ class ChangeWatcher:
         self._observer: BaseObserver | None = None
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._watch: ObservedWatch | None = None
+        self._watched: tuple[str, bool] | None = None  # (folder, recursive) watched now
+        self._plan_lock = threading.Lock()
 
     @property
     def mode(self) -> str:
-        """``"inotify"`` or ``"polling"`` (what :meth:`start` fell back to, once started)."""
+        """``"inotify"`` or ``"polling"`` (what :meth:`start` fell back to, once started); with
+        inotify waiting on an ancestor, ``"inotify (waiting for <path> to appear)"``."""
+        watched = self._watched
+        if self._mode == "inotify" and watched is not None and not self._at_target(watched[0]):
+            return f"inotify (waiting for {self.path} to appear)"
         return self._mode
+
+    @property
+    def target(self) -> str:
+        return self._target
+
+    @property
+    def recursive(self) -> bool:
+        """True while the target is a folder watched with all below it."""
+        watched = self._watched
+        return watched is not None and watched[1]
+
+    def wake(self) -> None:
+        self._wake()
 
     def start(self) -> None:
         if self._observer is not None or self._poller is not None:
@@ -402,11 +640,56 @@ class ChangeWatcher:
         self._stopping.set()
         observer, self._observer = self._observer, None
         if observer is not None:
-            observer.stop()
-            observer.join()
+            # An emitter whose folder vanished (or that was stopped) may raise on the way out:
+            # at shutdown that is noise, said at debug level only.
+            try:
+                observer.stop()
+                observer.join()
+            except (OSError, KeyError, RuntimeError) as exc:
+                logger.debug("%s: watcher stopped with %r", self.path, exc)
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.join()
+
+    def replan(self) -> None:
+        """Watch where the target can be seen from now (it, its folder, or the nearest ancestor
+        that exists), then wake: what appeared before the new watch was placed is read too."""
+        with self._plan_lock:
+            observer = self._observer
+            plan = self._plan()
+            if observer is not None and not self._stopping.is_set() and plan != self._watched:
+                try:
+                    self._schedule(observer, plan)
+                except OSError as exc:  # the folder went again between the check and the watch
+                    logger.debug("%s: cannot watch %s yet (%s)", self.path, plan[0], exc)
+        _call_wake(self._wake)
+
+    def _plan(self) -> tuple[str, bool]:
+        """(folder to watch, recursive): the target folder itself, else the nearest existing
+        folder on the way to the target."""
+        if os.path.isdir(self._target):
+            return self._target, True
+        folder = os.path.dirname(self._target)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        return folder, False
+
+    def _at_target(self, folder: str) -> bool:
+        return folder in (self._target, os.path.dirname(self._target))
+
+    def _schedule(self, observer: BaseObserver, plan: tuple[str, bool]) -> None:
+        old = self._watch
+        self._watch = observer.schedule(
+            _WakeOnPath(self), plan[0], recursive=plan[1], event_filter=_WAKING_EVENTS
+        )
+        self._watched = plan
+        if old is not None and old != self._watch:
+            try:
+                observer.unschedule(old)
+            except (KeyError, OSError) as exc:  # its folder was deleted: the watch is gone already
+                logger.debug("%s: unwatching %s: %r", self.path, old.path, exc)
+        if not self._at_target(plan[0]):
+            logger.info("%s: waiting for it to appear (watching %s)", self.path, plan[0])
 
     def _start_inotify(self) -> BaseObserver:
         # Imported here: without inotify in libc the import itself raises
@@ -414,13 +697,8 @@ class ChangeWatcher:
         from watchdog.observers.inotify import InotifyObserver
 
         observer = InotifyObserver()  # opens an inotify instance: OSError at the limit
-        observer.schedule(
-            _WakeOnPath(self._target, self._wake, self._children),
-            self._target if self._children else os.path.dirname(self._target),
-            recursive=self._children,
-            event_filter=_WAKING_EVENTS,
-        )
         try:
+            self._schedule(observer, self._plan())
             observer.start()
         except OSError:
             observer.stop()  # releases the inotify instance it opened

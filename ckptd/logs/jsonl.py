@@ -71,6 +71,7 @@ class JsonlFormat:
         # Only a line that names a watched metric can change a verdict, so the others skip
         # json.loads: a substring test is ~20x cheaper, and most lines are training lines.
         self._needles = tuple(json.dumps(metric).encode() for metric in watched)
+        self._watched = tuple(watched)
         self._step_path: tuple[str, ...] | None = None
         if step_key is not None:
             parts = tuple(step_key.split("."))
@@ -117,13 +118,28 @@ class JsonlFormat:
         if obj is None or not _SUMMARY_KEYS.isdisjoint(obj):
             return None
         found = self._find_step(obj)
-        if found is None:
+        step = None if found is None else as_step(found[1])
+        if found is None or step is None:
+            if any(metric in obj for metric in self._watched):
+                # A watched metric the daemon cannot place is a dropped eval: count it.
+                raise MalformedLine("no-step", f"a line with a watched metric has no step: {found!r}")
             return None
-        step_key, raw_step = found
-        step = as_step(raw_step)
-        if step is None:
+        metrics = _metrics(obj, found[0])
+        if self._watched and not any(metric in metrics for metric in self._watched):
+            strings = [m for m in self._watched if isinstance(obj.get(m), str)]
+            if strings:
+                raise MalformedLine("string-metric", f"{strings[0]} is a string, not a number")
+        return LogEvent(step, metrics)
+
+    def metric_names(self, line: bytes) -> frozenset[str] | None:
+        """The names of the numbers on ``line``; None when it is not a JSON object (unusable)."""
+        try:
+            obj = _decode_object(line)
+        except MalformedLine:
             return None
-        return LogEvent(step, _metrics(obj, step_key))
+        if obj is None:
+            return frozenset()
+        return frozenset(k for k, v in obj.items() if type(v) in _NUMBER_TYPES)
 
     def _find_step(self, obj: dict[str, object]) -> tuple[str, object] | None:
         """The top-level key the step came from and its raw value."""
@@ -209,8 +225,11 @@ class LineCounter:
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
+        self.first_preview: bytes | None = None  # the start of the first line counted
 
     def record(self, error: MalformedLine, line_preview: bytes) -> None:
+        if self.first_preview is None:
+            self.first_preview = line_preview[:_PREVIEW_BYTES]
         seen = self.counts.get(error.kind, 0)
         self.counts[error.kind] = seen + 1
         if seen == 0:

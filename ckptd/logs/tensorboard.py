@@ -25,6 +25,10 @@ so the rest of that file is counted once in :attr:`TensorBoardSource.malformed` 
 other files are still read. The reader cannot seek, so the cursor keeps the number of records
 consumed per file, and a resumed source reads that many again without delivering them. The reader
 checks CRCs in pure Python (about 2 MB/s): fine for scalar logs, slow for files full of images.
+
+History is the records within the bytes each event file held when the source opened (a record is
+its payload plus 16 bytes of framing, so the bytes consumed are known); files that appear later
+are live.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any, NamedTuple
 
 from ckptd.errors import ConfigError, MalformedLine
 from ckptd.logs.jsonl import LineCounter
+from ckptd.logs.source import NameSample
 from ckptd.records import LogEvent
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
@@ -47,6 +52,7 @@ _SCALARS_PLUGIN = "scalars"
 # DataLossError is a failed checksum.
 _TRUNCATED = "truncated record"
 _PREVIEW_BYTES = 200
+_RECORD_FRAMING = 16  # length (8) + its CRC (4) + the payload's CRC (4)
 
 Metrics = dict[int, dict[str, float]]
 
@@ -85,6 +91,7 @@ class _EventFile:
     records: int = 0  # records delivered so far, over restarts: what the cursor saves
     reader: Any = None  # opened on first read; reopened (from the start) after close()
     position: int = 0  # records the current reader has returned
+    offset: int = 0  # bytes of the file those records take
     broken: bool = False
     scalar_tags: set[str] = field(default_factory=set)
 
@@ -95,7 +102,8 @@ class TensorBoardSource:
     name = "tensorboard"
     behind = False  # reads everything new at once: these logs are small
 
-    def __init__(self, path: Path, cursor: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, path: Path, cursor: Mapping[str, Any] | None = None, *, history: bool = True) -> None:
+        """``history``: False when the files appeared after the daemon started (all are live)."""
         self._tb = _import_tensorboard()
         path = Path(path)
         self.watch_path = path
@@ -103,14 +111,58 @@ class TensorBoardSource:
         self._dir = path if self.watch_children else path.parent
         self.malformed = LineCounter()
         self._files = {name: _EventFile(records=count) for name, count in _resume_counts(cursor).items()}
+        self._names = NameSample()
+        # The history: the bytes each event file held at open.
+        files = self._event_files() if history else []
+        self._history = {name: size for name in files if (size := self._size(name))}
+
+    @property
+    def history_done(self) -> bool:
+        return not self._history
+
+    def read_history(self) -> list[LogEvent]:
+        """The records the event files held at open (all at once: these logs are small)."""
+        merged: Metrics = {}
+        history, self._history = self._history, {}
+        for name, size in sorted(history.items()):
+            state = self._files.setdefault(name, _EventFile())
+            if not state.broken:
+                self._read_file(name, state, merged, stop=size)
+        return self._events(merged)
 
     def read_events(self) -> list[LogEvent]:
+        self._history = {}
         merged: Metrics = {}
         for name in self._event_files():
             state = self._files.setdefault(name, _EventFile())
             if not state.broken:
                 self._read_file(name, state, merged)
-        return [LogEvent(step, metrics) for step, metrics in merged.items()]
+        return self._events(merged)
+
+    def _events(self, merged: Metrics) -> list[LogEvent]:
+        events = [LogEvent(step, metrics) for step, metrics in merged.items()]
+        self._names.add_events(events)
+        return events
+
+    def lag_bytes(self) -> int | None:
+        """Bytes of the event files past the records read (a file not read yet counts whole)."""
+        lag = 0
+        for name in self._event_files():
+            state = self._files.get(name)
+            lag += max(0, self._size(name) - (state.offset if state and state.reader else 0))
+        return lag
+
+    def metric_names_seen(self) -> frozenset[str]:
+        return self._names.frozen()
+
+    def notes(self) -> list[str]:
+        return []
+
+    def _size(self, name: str) -> int:
+        try:
+            return os.stat(self._dir / name).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return 0
 
     def cursor(self) -> dict[str, Any]:
         return {"kind": "tensorboard", "files": {name: state.records for name, state in self._files.items()}}
@@ -133,19 +185,22 @@ class TensorBoardSource:
             ]
         return sorted(found)
 
-    def _read_file(self, name: str, state: _EventFile, merged: Metrics) -> None:
+    def _read_file(self, name: str, state: _EventFile, merged: Metrics, stop: int | None = None) -> None:
+        """Read the new records of one file (only those within its first ``stop`` bytes)."""
         errors = self._tb.errors
         try:
             if state.reader is None:
                 state.reader = self._tb.open_records(str(self._dir / name), 0, b"", None)
-                state.position = 0
-            while True:
+                state.position = state.offset = 0
+            while stop is None or state.offset < stop:
                 state.reader.GetNext()
                 state.position += 1
+                record = state.reader.record()
+                state.offset += len(record) + _RECORD_FRAMING
                 # A reader reopened after a restart passes over what was delivered before,
                 # still reading it for the tags' metadata.
                 fresh = state.position > state.records
-                self._collect(state.reader.record(), state, merged if fresh else {})
+                self._collect(record, state, merged if fresh else {})
                 state.records = max(state.records, state.position)
         except (errors.OutOfRangeError, errors.NotFoundError):
             return  # the end of what is written so far, or a file deleted under us
