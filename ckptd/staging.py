@@ -26,6 +26,8 @@ STRUCTURE_FILE = "structure.json"
 DEFAULT_SLOTS = 2
 # safetensors readers expect the data section to start 8-byte aligned.
 _HEADER_ALIGN = 8
+# safetensors' own readers refuse larger headers; a bigger length is garbage, not a header.
+MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,40 @@ def plan_layout(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | No
     text += b" " * (-(8 + len(text)) % _HEADER_ALIGN)
     prefix = struct.pack("<Q", len(text)) + text
     return Layout(prefix, tuple(len(prefix) + r for r in relative), len(prefix) + position)
+
+
+def read_slot_token(slot_dir: Path) -> str | None:
+    """The capture token in the safetensors header of ``slot_dir``'s tensors file, or None.
+
+    The writer zeroes the header before it touches the tensor data and writes the header
+    with the new token last, so reading the token before and after copying a slot tells a
+    reader whether the bytes it copied belong to the ack carrying that token. None when the
+    file is missing or unreadable, the header is invalidated (being rewritten) or malformed,
+    or it carries no token. Reads the 8-byte length and the header only, never the data.
+    """
+    try:
+        with (slot_dir / TENSORS_FILE).open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return None
+            (length,) = struct.unpack("<Q", prefix)
+            if length == 0 or length > MAX_HEADER_BYTES or length > size - 8:
+                return None
+            raw = handle.read(length)
+    except OSError:
+        return None
+    return _token_of(raw)
+
+
+def _token_of(raw: bytes) -> str | None:
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    token = metadata.get("token") if isinstance(metadata, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def default_shm_root() -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ckptd.protocol import Control, RunPaths, atomic_write_json, write_control
+from ckptd.staging import staging_dir_for
 
 PROBE = """
 import os, sys
@@ -32,7 +33,9 @@ def test_maybe_snapshot_costs_exactly_one_stat_when_nothing_is_due(tmp_path: Pat
     paths = RunPaths(tmp_path / "run")
     paths.meta.mkdir(parents=True)
     # A live daemon with a schedule that falls on none of the probed steps.
-    write_control(paths, Control(seq=1, run_id="cost", staging=str(tmp_path / "shm"), every_steps=10**6))
+    # (The staging dir the client computes itself: a control file pointing elsewhere is ignored.)
+    staging = str(staging_dir_for("cost"))
+    write_control(paths, Control(seq=1, run_id="cost", staging=staging, every_steps=10**6))
     atomic_write_json(paths.status, {"protocol": 1})
     trace = tmp_path / "trace"
     done = subprocess.run(

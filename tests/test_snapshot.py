@@ -206,6 +206,112 @@ def test_tensor_named_like_the_safetensors_metadata_key(tmp_path: Path) -> None:
     assert_same(load_snapshot(persist(state, tmp_path)), state)
 
 
+def _random_bits(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """Every bit pattern is fair game (NaN payloads, subnormals): bit identity is what counts."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape) * itemsize
+    raw = torch.randint(0, 256, (count,), generator=_GEN, dtype=torch.uint8)
+    return raw.view(dtype).reshape(shape)
+
+
+_NEW_DTYPES = [
+    "uint16",
+    "uint32",
+    "uint64",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
+    "complex32",
+    "complex64",
+    "complex128",
+]
+
+
+@pytest.mark.parametrize("name", _NEW_DTYPES)
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental:UserWarning")
+def test_issue7_26_every_dtype_round_trips_bit_identical(tmp_path: Path, name: str) -> None:
+    if not hasattr(torch, name):
+        pytest.skip(f"this torch has no {name}")
+    dtype = getattr(torch, name)
+    plain = _random_bits(dtype, 3, 4)
+    state = {
+        "plain": plain,
+        "transposed": _random_bits(dtype, 4, 5).t(),
+        "zero-dim": _random_bits(dtype),
+        "empty": _random_bits(dtype, 0, 2),
+        "in-a-tuple": (_random_bits(dtype, 7),),
+    }
+    if dtype.is_complex:
+        state["conjugated-view"] = plain.conj()  # lazily conjugated: its bytes are not yet negated
+    loaded = load_snapshot(persist(state, tmp_path))
+    for key, want in state.items():
+        got = loaded[key][0] if key == "in-a-tuple" else loaded[key]
+        want = want[0] if key == "in-a-tuple" else want
+        assert (got.dtype, got.shape) == (dtype, want.shape), key
+        assert torch.equal(bits(got), bits(want.resolve_conj())), key
+
+
+def _numpy_leaves() -> dict[str, Any]:
+    np = pytest.importorskip("numpy")
+    grid = np.arange(24, dtype=np.float64).reshape(4, 6)
+    return {
+        "f32-scalar": np.float32(0.1),
+        "f64-scalar": np.float64(1 / 3),
+        "f16-scalar": np.float16(-2.5),
+        "i64-scalar": np.int64(-(2**62)),
+        "u64-scalar": np.uint64(2**64 - 1),
+        "u16-scalar": np.uint16(65535),
+        "bool-scalar": np.bool_(True),
+        "c64-scalar": np.complex64(1 - 2j),
+        "nan-scalar": np.float32("nan"),
+        "rng": np.random.RandomState(7).get_state(),
+        "u32": np.arange(10, dtype=np.uint32) * 400_000_000,
+        "u64": np.array([0, 2**63, 2**64 - 1], dtype=np.uint64),
+        "i8": np.array([-128, 0, 127], dtype=np.int8),
+        "bool": np.array([[True, False], [False, True]]),
+        "c128": np.array([1 + 1j, np.nan - 1j, -np.inf * 1j]),
+        "big-endian": np.arange(6, dtype=">i4").reshape(2, 3),
+        "reversed-view": grid[::-1, ::2],
+        "zero-dim": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.int16),
+    }
+
+
+def test_issue7_26_numpy_leaves_round_trip(tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    state = _numpy_leaves()
+    loaded = load_snapshot(persist({**state, "w": torch.ones(2)}, tmp_path))
+
+    def same(got: Any, want: Any, key: str) -> None:
+        assert type(got) is type(want), key
+        if isinstance(want, tuple):
+            for g, w in zip(got, want, strict=True):
+                same(g, w, key)
+        elif isinstance(want, (np.ndarray, np.generic)):
+            assert (got.dtype, got.shape) == (want.dtype, want.shape), key
+            assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), key
+        else:
+            assert got == want, key
+
+    for key, want in state.items():
+        same(loaded[key], want, key)
+    # numpy's RNG state, as a resume state carries it, is accepted back and draws the same numbers.
+    restored, original = np.random.RandomState(), np.random.RandomState(7)
+    restored.set_state(loaded["rng"])
+    assert np.array_equal(restored.random(5), original.random(5))
+
+
+@pytest.mark.filterwarnings("ignore:.*quantize:UserWarning")
+def test_issue7_26_unsupported_dtype_names_the_dtype_not_the_type() -> None:
+    quantized = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)
+    with pytest.raises(UnsupportedLeafError) as info:
+        flatten_state({"model": {"x": quantized}})
+    assert info.value.path == "model/x"
+    assert "unsupported tensor dtype torch.quint8" in str(info.value)
+    assert "supported: torch.Tensor" not in str(info.value)
+
+
 # -- values that are not tensors -------------------------------------------------------------------
 
 LEAVES: dict[str, Any] = {
@@ -248,33 +354,39 @@ def _quantized() -> torch.Tensor:
 
 
 # States are built inside the test, so creating a quantized tensor warns there, not at collection.
+# ``named``: what the message must name: the type, or for a tensor the dtype or layout it cannot store.
 @pytest.mark.parametrize(
-    ("make", "path", "type_name"),
+    ("make", "path", "type_name", "named"),
     [
         pytest.param(
-            lambda: {"opt": {"state": {0: {"fn": lambda: 1}}}}, "opt/state/0/fn", "function", id="lambda"
+            lambda: {"opt": {"state": {0: {"fn": lambda: 1}}}},
+            "opt/state/0/fn",
+            "function",
+            "function",
+            id="lambda",
         ),
-        pytest.param(lambda: {"w": torch.zeros(3).to_sparse()}, "w", "Tensor", id="sparse-tensor"),
         pytest.param(
-            lambda: {"c": torch.zeros(2, dtype=torch.complex64)}, "c", "Tensor", id="complex-tensor"
+            lambda: {"w": torch.zeros(3).to_sparse()}, "w", "Tensor", "torch.sparse_coo", id="sparse-tensor"
         ),
-        pytest.param(lambda: {"q": _quantized()}, "q", "Tensor", id="quantized-tensor"),
-        pytest.param(lambda: {"ids": {1, 2}}, "ids", "set", id="set"),
-        pytest.param(lambda: {"raw": [0, b"bytes"]}, "raw/1", "bytes", id="bytes-in-list"),
-        pytest.param(lambda: {"t": (1, 2, object())}, "t/2", "object", id="object-in-tuple"),
-        pytest.param(lambda: {"d": {(1, 2): 3}}, "d/<key (1, 2)>", "tuple", id="tuple-key"),
-        pytest.param(lambda: {1, 2}, "", "set", id="root"),
+        pytest.param(lambda: {"q": _quantized()}, "q", "Tensor", "torch.quint8", id="quantized-tensor"),
+        pytest.param(lambda: {"ids": {1, 2}}, "ids", "set", "set", id="set"),
+        pytest.param(lambda: {"raw": [0, b"bytes"]}, "raw/1", "bytes", "bytes", id="bytes-in-list"),
+        pytest.param(lambda: {"t": (1, 2, object())}, "t/2", "object", "object", id="object-in-tuple"),
+        pytest.param(lambda: {"d": {(1, 2): 3}}, "d/<key (1, 2)>", "tuple", "tuple", id="tuple-key"),
+        pytest.param(lambda: {1, 2}, "", "set", "set", id="root"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:.*quantize:UserWarning")
-def test_unsupported_leaf_names_its_path(make: Callable[[], Any], path: str, type_name: str) -> None:
+def test_unsupported_leaf_names_its_path(
+    make: Callable[[], Any], path: str, type_name: str, named: str
+) -> None:
     with pytest.raises(UnsupportedLeafError) as info:
         flatten_state(make())
     assert isinstance(info.value, TypeError)
     assert info.value.path == path
     assert info.value.type_name == type_name
     assert (path or "<root>") in str(info.value)
-    assert type_name in str(info.value)
+    assert named in str(info.value)
 
 
 # -- slots -----------------------------------------------------------------------------------------

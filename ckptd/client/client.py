@@ -8,32 +8,61 @@ without touching the store or waiting for a disk.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from ckptd.client.snapshot import Slot, encode_structure, flatten_state, layout_for
-from ckptd.errors import ProtocolError, SnapshotError
+from ckptd.errors import ProtocolError, SnapshotError, UnsupportedLeafError
 from ckptd.protocol import (
+    PROTOCOL_VERSION,
     STALE_AFTER_S,
     Ack,
     Control,
     RunPaths,
+    atomic_write_json,
     daemon_alive,
     read_control,
     write_ack,
 )
 from ckptd.records import Verdict
-from ckptd.staging import DEFAULT_SLOTS, STRUCTURE_FILE, TENSORS_FILE, busy_slots, slot_name
+from ckptd.staging import (
+    DEFAULT_SLOTS,
+    STRUCTURE_FILE,
+    TENSORS_FILE,
+    busy_slots,
+    slot_name,
+    staging_dir_for,
+)
 
 log = logging.getLogger("ckptd.client")
 
 StateFn = Callable[[], Any]
+# In .ckptd/: the lock one client per run holds (its pid inside), and that client's counters.
+CLIENT_LOCK = "client.lock"
+CLIENT_FILE = "client.json"
+
+# Clients holding the lock, so that a forked child (a DataLoader worker) lets go of it.
+_LOCK_HOLDERS: weakref.WeakSet[CheckpointClient] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's lock and slot mappings: it must never capture, and its
+    # copy of the lock fd must not keep the lock held after the parent's client closes.
+    for client in list(_LOCK_HOLDERS):
+        client._become_passive_copy()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class CheckpointClient:
@@ -48,13 +77,15 @@ class CheckpointClient:
         *,
         rendezvous_timeout: float = 2.0,
         slots: int = DEFAULT_SLOTS,
-        slot_timeout: float = 30.0,
+        slot_timeout: float | None = None,
         stale_after: float = STALE_AFTER_S,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, not {slots}")
         self.paths = RunPaths(Path(run_dir))
         self.rendezvous_timeout = rendezvous_timeout
+        # How long a best capture waits for a free slot (default: rendezvous_timeout). A periodic
+        # capture never waits: a busy store must not stall every scheduled step.
         self.slot_timeout = slot_timeout
         self.stale_after = stale_after
         self._slot_count = slots
@@ -62,11 +93,16 @@ class CheckpointClient:
         self._control: Control | None = None
         self._control_signature: tuple[int, int, int] | None = None
         self._started = time.time()
-        # Verdicts for eval steps up to here are done (captured, or written before we started).
-        self._handled_eval_step = -1
+        # Verdicts up to this control seq of this daemon run are done (captured, or written
+        # before we started). Not by eval step: a resumed run logs lower steps again.
+        self._handled: tuple[str, int] = ("", -1)
         self._last_periodic_step = -1
         self._warned: set[str] = set()
         self._preparing: threading.Thread | None = None
+        self._lock_fd: int | None = None  # held for our life: we are the run's one capturing client
+        self._passive = False  # another client holds the lock: never capture
+        self._captures_tried = 0
+        self._skipped = 0
 
     def __enter__(self) -> CheckpointClient:
         return self
@@ -81,33 +117,40 @@ class CheckpointClient:
     def wait_verdict(self, step: int, timeout: float | None = None) -> Verdict | None:
         """After logging an eval at ``step``, wait (bounded) until the daemon has judged it.
 
-        Returns the verdict for ``step`` (or a later one), or None when no daemon is
-        alive or none came in time. A ``snapshot`` verdict is then captured by the
-        next ``maybe_snapshot``. Flush the log before calling: the daemon can only
-        judge lines that reached the file.
+        Returns the verdict for ``step`` (or one for a later step written during the
+        wait), or None when no daemon is alive or none came in time. A verdict written
+        before this client started is never returned. A ``snapshot`` verdict is then
+        captured by the next ``maybe_snapshot``. Flush the log before calling: the
+        daemon can only judge lines that reached the file.
         """
         if not daemon_alive(self.paths, self.stale_after):
             return None
         deadline = time.monotonic() + (self.rendezvous_timeout if timeout is None else timeout)
+        self._refresh_control()
+        before = self._control_version()
         # The daemon answers in about a millisecond: look often at first (a stat is ~1 us),
         # then back off so a slow or absent answer costs no CPU.
         pause = 0.0001
         while True:
-            self._refresh_control()
-            verdict = self._control.verdict if self._control else None
-            if verdict is not None and verdict.eval_step >= step:
+            verdict = self._verdict_for(step, before)
+            if verdict is not None:
                 return verdict
             if time.monotonic() >= deadline:
                 return None
             time.sleep(pause)
             pause = min(pause * 1.5, 0.01)
+            self._refresh_control()
 
     def maybe_snapshot(self, step: int, state_fn: StateFn) -> bool:
         """At a step boundary: capture ``state_fn()`` if the daemon asked for this step.
 
         One ``os.stat`` when nothing is due. When a capture is due, tensors are copied
         into a shared-memory slot and acknowledged; the daemon persists them. Returns
-        whether a capture was staged.
+        whether a capture was staged. Never raises into training, save the user's own
+        ``state_fn`` errors and an ``UnsupportedLeafError`` at this client's first capture;
+        a capture not taken later (no free slot, shared memory full, a leaf that cannot
+        be stored) is logged once per cause and counted in ``.ckptd/client.json``. Only
+        one client per run captures: another (a second rank) stays passive, with a warning.
         """
         self._refresh_control()
         control = self._control
@@ -120,12 +163,14 @@ class CheckpointClient:
         if not daemon_alive(self.paths, self.stale_after):
             self._warn_once("dead", "ckptd daemon heartbeat is stale; snapshots paused")
             return False
-        staged = self._capture(control, step, verdict, periodic, state_fn)
-        if verdict is not None:
-            self._handled_eval_step = verdict.eval_step
-        if periodic:
-            self._last_periodic_step = step
-        return staged
+        try:
+            return self._serving(control) and self._capture(control, step, verdict, periodic, state_fn)
+        finally:
+            # Done either way: a capture that failed is not retried at every later step.
+            if verdict is not None:
+                self._handled = (control.run_id, control.seq)
+            if periodic:
+                self._last_periodic_step = step
 
     def prepare(self, state_fn: StateFn) -> bool:
         """Reserve and fault in a shared-memory slot for ``state_fn()`` in the background.
@@ -134,14 +179,19 @@ class CheckpointClient:
         3.5 s per GiB on the development VM, 12 us a page). Call once after the first
         optimizer step (the optimizer state exists then) and before the first eval; it costs
         the trainer the sizing of the state and returns. False, and nothing done, when no
-        daemon is alive yet to say where the slots go.
+        daemon is alive yet to say where the slots go, or another client serves the run.
+        Raises ``UnsupportedLeafError`` when the state holds a value that cannot be stored.
         """
         self._refresh_control()
-        if self._control is None or not daemon_alive(self.paths, self.stale_after):
+        control = self._control
+        if control is None or not daemon_alive(self.paths, self.stale_after):
+            return False
+        if not self._serving(control):
             return False
         self._finish_preparing()
+        # A state that cannot be stored fails here, loudly, before the run depends on it.
         nbytes = layout_for(flatten_state(state_fn())[0]).total
-        slot = self._slot(Path(self._control.staging), slot_name(0))
+        slot = self._slot(staging_dir_for(control.run_id), slot_name(0))
         self._preparing = threading.Thread(
             target=self._prefault, args=(slot, nbytes), name="ckptd-prefault", daemon=True
         )
@@ -158,6 +208,10 @@ class CheckpointClient:
             else:
                 slot.unlink()
         self._slots.clear()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock: another client may serve the run now
+            self._lock_fd = None
+            _LOCK_HOLDERS.discard(self)
 
     # -- control file --------------------------------------------------------------------
 
@@ -180,18 +234,51 @@ class CheckpointClient:
             self._warn_once("protocol", f"ignoring control file: {exc}")
             self._control = None
             return
+        if not self._confined(control):
+            self._control = None
+            return
         if control.verdict is not None and control.written < self._started:
             # A verdict from before this process existed speaks of another trainer's step.
-            self._handled_eval_step = max(self._handled_eval_step, control.verdict.eval_step)
+            self._handled = max(self._handled_in(control), (control.run_id, control.seq))
         self._control = control
+
+    def _confined(self, control: Control) -> bool:
+        """The slots go where this client computes, never where a control file points."""
+        expected = staging_dir_for(control.run_id)
+        if Path(control.staging) == expected:
+            return True
+        self._warn_once(
+            "staging",
+            f"ignoring control file {self.paths.control}: its staging dir {control.staging!r} "
+            f"is not {expected}",
+        )
+        return False
+
+    def _handled_in(self, control: Control) -> tuple[str, int]:
+        # Seqs count within one daemon run id; another run id starts over.
+        return self._handled if self._handled[0] == control.run_id else (control.run_id, -1)
 
     def _due_verdict(self, control: Control, step: int) -> Verdict | None:
         verdict = control.verdict
         if verdict is None or verdict.action != "snapshot":
             return None
-        if verdict.eval_step <= self._handled_eval_step or step < verdict.eval_step:
+        if control.seq <= self._handled_in(control)[1] or step < verdict.eval_step:
             return None
         return verdict
+
+    def _control_version(self) -> tuple[str, int] | None:
+        return (self._control.run_id, self._control.seq) if self._control else None
+
+    def _verdict_for(self, step: int, before: tuple[str, int] | None) -> Verdict | None:
+        """The verdict for ``step``, or for a later step if written since ``before``; not an old one."""
+        control = self._control
+        verdict = control.verdict if control else None
+        if control is None or verdict is None or control.written < self._started:
+            return None
+        if verdict.eval_step == step:
+            return verdict
+        changed = self._control_version() != before
+        return verdict if verdict.eval_step > step and changed else None
 
     def _periodic_due(self, control: Control, step: int) -> bool:
         every = control.every_steps
@@ -202,7 +289,7 @@ class CheckpointClient:
     def _prefault(self, slot: Slot, nbytes: int) -> None:
         try:
             slot.ensure_capacity(nbytes)  # the syscalls and page faults run outside the GIL
-        except SnapshotError as exc:
+        except (SnapshotError, OSError) as exc:
             log.warning("ckptd: could not prepare a staging slot: %s", exc)
 
     def _finish_preparing(self) -> None:
@@ -211,24 +298,98 @@ class CheckpointClient:
             self._preparing.join()
             self._preparing = None
 
+    def _serving(self, control: Control) -> bool:
+        """Whether this client captures for the run: only the one holding ``.ckptd/client.lock``.
+
+        Two clients on one run (a trainer under torchrun without a rank guard) would overwrite
+        each other's slots under a mapping the other still writes to. The lock is an flock on an
+        fd kept open for the client's life, so it goes with the process, however it ends.
+        """
+        if self._lock_fd is not None or self._passive:
+            return not self._passive
+        path = self.paths.meta / CLIENT_LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._warn_once("lock", f"cannot open {path}: {exc}; snapshots paused")
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            self._passive = True
+            log.warning(
+                "ckptd: another CheckpointClient (pid %s) already serves %s (run %s); this one will "
+                "not capture; guard it with `if rank == 0`",
+                holder,
+                self.paths.run_dir,
+                control.run_id,
+            )
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the other client's message
+        self._lock_fd = fd
+        _LOCK_HOLDERS.add(self)
+        return True
+
+    def _become_passive_copy(self) -> None:
+        """In a forked child: drop our copy of the lock fd and the slot mappings, capture nothing."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the parent's fd keeps the lock
+            self._lock_fd = None
+        self._passive = True
+        self._slots.clear()  # without unlinking: the files are the parent's
+        self._preparing = None
+
     def _capture(
         self, control: Control, step: int, verdict: Verdict | None, periodic: bool, state_fn: StateFn
     ) -> bool:
         self._finish_preparing()
-        tensors, skeleton = flatten_state(state_fn())
-        layout = layout_for(tensors)
-        structure = encode_structure(skeleton, step)
+        first = self._captures_tried == 0
+        self._captures_tried += 1
+        state = state_fn()  # the user's code: its errors are the user's to see
         try:
-            slot = self._acquire_slot(Path(control.staging), layout.total)
-        except SnapshotError as exc:
-            log.error("ckptd: snapshot of step %d not taken: %s", step, exc)
-            return False
+            tensors, skeleton = flatten_state(state)
+        except UnsupportedLeafError as exc:
+            if first:
+                raise  # fail loudly while the user is watching, not hours into the run
+            return self._skip(step, "unsupported", str(exc))
+        try:
+            return self._stage(control, step, verdict, periodic, tensors, skeleton)
+        except Exception as exc:  # staging trouble must never kill the training run
+            return self._skip(step, type(exc).__name__, f"{type(exc).__name__}: {exc}")
+
+    def _stage(
+        self,
+        control: Control,
+        step: int,
+        verdict: Verdict | None,
+        periodic: bool,
+        tensors: list[tuple[str, Any]],
+        skeleton: Any,
+    ) -> bool:
+        name = Ack.name_for(control.seq if verdict else None, step)
+        # A fresh token per capture, in the slot's header and in the ack: the daemon copies a
+        # slot only while it still holds the capture the ack names.
+        token = secrets.token_hex(8)
+        layout = layout_for(tensors, {"token": token, "ack": name})
+        structure = encode_structure(skeleton, step)
+        wait = 0.0 if verdict is None else self._slot_wait()
+        slot = self._acquire_slot(staging_dir_for(control.run_id), layout.total, wait)
+        if slot is None:
+            return self._skip(
+                step,
+                "no-free-slot",
+                f"all {self._slot_count} staging slots are held by acks the daemon has not "
+                "committed (store full or unwritable, or their slots gone?)",
+            )
         slot.write(layout, tensors, structure)
         tags = (*(verdict.tags if verdict else ()), *(("periodic",) if periodic else ()))
         write_ack(
             self.paths,
             Ack(
-                name=Ack.name_for(control.seq if verdict else None, step),
+                name=name,
                 captured_step=step,
                 slot=slot.name,
                 files={TENSORS_FILE: layout.total, STRUCTURE_FILE: len(structure)},
@@ -236,13 +397,18 @@ class CheckpointClient:
                 requested_step=verdict.eval_step if verdict else step,
                 tags=tags,
                 reason=verdict.reason if verdict else f"every {control.every_steps} steps",
+                metrics=dict(verdict.metrics) if verdict else {},
+                token=token,
             ),
         )
         return True
 
-    def _acquire_slot(self, staging: Path, nbytes: int) -> Slot:
-        """A slot no pending ack holds, grown to ``nbytes``; waits (bounded) for the daemon to free one."""
-        deadline = time.monotonic() + self.slot_timeout
+    def _slot_wait(self) -> float:
+        return self.rendezvous_timeout if self.slot_timeout is None else self.slot_timeout
+
+    def _acquire_slot(self, staging: Path, nbytes: int, wait: float) -> Slot | None:
+        """A slot no pending ack holds, grown to ``nbytes``; None if none frees up within ``wait`` s."""
+        deadline = time.monotonic() + wait
         while True:
             busy = busy_slots(self.paths)
             free = [slot_name(i) for i in range(self._slot_count) if slot_name(i) not in busy]
@@ -253,11 +419,34 @@ class CheckpointClient:
                 slot.ensure_capacity(nbytes)
                 return slot
             if time.monotonic() >= deadline:
-                raise SnapshotError(
-                    f"all {self._slot_count} staging slots still wait for the daemon "
-                    f"after {self.slot_timeout:.0f} s"
-                )
+                return None
             time.sleep(0.01)
+
+    def _skip(self, step: int, kind: str, reason: str) -> bool:
+        """A capture not taken: said once per kind of cause, counted in client.json every time."""
+        self._skipped += 1
+        self._warn_once(
+            f"skip:{kind}",
+            f"snapshot of step {step} not taken: {reason} (later skips of this kind are only "
+            f"counted, in {self.paths.meta / CLIENT_FILE})",
+        )
+        self._write_counters(step, reason)
+        return False
+
+    def _write_counters(self, step: int, reason: str) -> None:
+        # Written only when a count changes, never on the per-step path; the daemon shows it.
+        document = {
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "skipped_captures": self._skipped,
+            "last_skip_reason": reason,
+            "last_skip_step": step,
+            "updated": time.time(),
+        }
+        try:
+            atomic_write_json(self.paths.meta / CLIENT_FILE, document)
+        except OSError as exc:
+            self._warn_once("client-file", f"cannot write {self.paths.meta / CLIENT_FILE}: {exc}")
 
     def _slot(self, staging: Path, name: str) -> Slot:
         slot = self._slots.get(name)
