@@ -1,9 +1,10 @@
 """The ``ckptd`` command line: run the daemon, query the store, run the demo.
 
-Exit codes: 0 success; 1 nothing to show (no best checkpoint yet, no live daemon
-for ``status``); 2 bad usage or configuration; 3 another daemon already follows
-the run; 4 the store or a file in it could not be read or written; 5 ``verify``
-found a checkpoint whose files do not match its manifest.
+Exit codes: 0 success; 1 nothing to show (no checkpoint for ``ls``/``verify``, no
+best one for ``best``, no live daemon for ``status``); 2 bad usage or configuration,
+found before anything is created; 3 another daemon already follows the run; 4 the
+store or a file in it could not be read or written; 5 ``verify`` found a checkpoint
+whose manifest is unreadable or whose files do not match it.
 """
 
 from __future__ import annotations
@@ -19,13 +20,29 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import __version__
+from ckptd.config import MAX_POLL_INTERVAL_S
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
 from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json
-from ckptd.records import CheckpointRecord, Criterion
-from ckptd.store import Store
+from ckptd.records import CheckpointRecord, Criterion, Mode
+from ckptd.store import MANIFEST, Store
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE, EXIT_CORRUPT = 0, 1, 2, 3, 4, 5
+_MODES = ("min", "max")
+
+log = logging.getLogger("ckptd.cli")
+
+
+def _exit_codes(**meanings: str) -> str:
+    """The ``--help`` epilog: what each exit status of one command means (keys: ok, empty, ...)."""
+    codes = {"ok": EXIT_OK, "empty": EXIT_EMPTY, "usage": EXIT_USAGE, "running": EXIT_RUNNING}
+    codes |= {"store": EXIT_STORE, "corrupt": EXIT_CORRUPT}
+    lines = [f"  {codes[key]}  {text}" for key, text in meanings.items()]
+    return "exit status:\n" + "\n".join(lines)
+
+
+_USAGE = "bad usage or option value; RUN_DIR missing or a file"
+_STORE = "the store or a file in it could not be read or written"
 
 _EPILOG = """\
 examples:
@@ -48,11 +65,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StoreError, OSError) as exc:
-        print(f"ckptd: {exc}", file=sys.stderr)
+        print(f"ckptd: {_os_error_text(exc)}", file=sys.stderr)
         return EXIT_STORE
     except CkptdError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _os_error_text(exc: OSError) -> str:
+    """Name the path, never a bare ``[Errno 13] Permission denied``."""
+    if isinstance(exc, StoreError) or exc.filename is None:
+        return str(exc)  # a StoreError already says what it was doing and where
+    where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+    return f"cannot access {where}: {exc.strerror or exc}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +104,15 @@ def _add_run(commands: Any) -> None:
         help="follow one run's log and manage its checkpoints (foreground)",
         description="Follow RUN_DIR's training log; on a new best eval, ask the trainer's "
         "CheckpointClient for that step's state, persist it and rotate. Stops on SIGINT/SIGTERM "
-        "after persisting what the trainer already handed over.",
+        "after persisting what the trainer already handed over. Every option is checked, and "
+        "the store must be writable, before anything is created.",
+        epilog=_exit_codes(
+            ok="stopped by SIGINT/SIGTERM/SIGHUP after persisting what was acknowledged",
+            usage="bad option value, or a store that cannot be written",
+            running="another daemon already follows RUN_DIR (stop it first)",
+            store=_STORE,
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
     judged = run.add_argument_group("what is best")
@@ -120,14 +153,28 @@ def _add_run(commands: Any) -> None:
         help=r"read a text log with a regex: a (?P<step>\d+) group and one group per metric",
     )
     read.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
-    read.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds (0.5)")
+    read.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help=f"seconds, > 0 and <= {MAX_POLL_INTERVAL_S:g} (0.5)",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     run.set_defaults(handler=_cmd_run)
 
 
-def _query(commands: Any, name: str, handler: Any, summary: str, description: str, json_help: str) -> Any:
+def _query(
+    commands: Any, name: str, handler: Any, summary: str, description: str, json_help: str, epilog: str
+) -> Any:
     """A command that reads one run's files: RUN_DIR, --json, and where they are."""
-    parser = commands.add_parser(name, help=summary, description=description)
+    parser = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
     parser.add_argument("--json", action="store_true", help=json_help)
     parser.set_defaults(handler=handler)
@@ -147,6 +194,7 @@ def _add_ls(commands: Any) -> None:
         "List committed checkpoints of RUN_DIR's store, oldest step first. Works with or "
         "without a daemon running.",
         "a JSON list, for scripts",
+        _exit_codes(ok="listed", empty="the store has no checkpoint", usage=_USAGE, store=_STORE),
     )
     _add_store_option(ls)
 
@@ -157,12 +205,20 @@ def _add_best(commands: Any) -> None:
         "best",
         _cmd_best,
         "print the best checkpoint's path",
-        "Print the path of the retained checkpoint with the best metric value. "
-        "Exit status 1 when there is none.",
+        "Print the path of the retained checkpoint with the best metric value. Which way is "
+        "better comes from --metric M:MODE or --mode, else from what the daemon recorded "
+        "(.ckptd/state.json, then the newest manifest), else from the name (said on stderr).",
         "the checkpoint as a JSON object",
+        _exit_codes(
+            ok="printed",
+            empty="no retained checkpoint has a finite value of the metric",
+            usage=_USAGE,
+            store=_STORE,
+        ),
     )
     _add_store_option(best)
-    best.add_argument("--metric", help="metric[:min|max] (default: what the daemon judges)")
+    best.add_argument("--metric", help="METRIC[:min|max] (default: the daemon's first criterion)")
+    best.add_argument("--mode", choices=_MODES, help="min or max (default: the mode the daemon recorded)")
 
 
 def _add_status(commands: Any) -> None:
@@ -171,9 +227,9 @@ def _add_status(commands: Any) -> None:
         "status",
         _cmd_status,
         "is a daemon following RUN_DIR, and how is it doing",
-        "Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, "
-        "persists, errors. Exit status 1 when no live daemon follows the run.",
+        "Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, persists, errors.",
         "status.json plus alive and heartbeat_age_s",
+        _exit_codes(ok="a live daemon follows RUN_DIR", empty="no live daemon follows it", usage=_USAGE),
     )
 
 
@@ -183,9 +239,16 @@ def _add_verify(commands: Any) -> None:
         "verify",
         _cmd_verify,
         "re-hash retained checkpoints against their manifests",
-        "Read every file of each retained checkpoint (or the named ones) and compare its "
-        "size and sha256 with MANIFEST.json. Exit status 5 when one does not match.",
+        "Read every file of each checkpoint directory (or the named ones) and compare its "
+        "size and sha256 with MANIFEST.json. A missing or unreadable manifest is a failure.",
         "one object per checkpoint, for scripts",
+        _exit_codes(
+            ok="every checkpoint is intact",
+            empty="the store has no checkpoint",
+            usage=_USAGE + "; a NAME that is not in the store",
+            store=_STORE,
+            corrupt="a checkpoint whose manifest or files do not match",
+        ),
     )
     _add_store_option(verify)
     verify.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to verify (default: all)")
@@ -206,7 +269,7 @@ def _add_demo(commands: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ckptd.config import RunConfig
+    from ckptd.config import RunConfig, preflight_store
     from ckptd.daemon import RunDaemon
 
     logging.basicConfig(
@@ -232,6 +295,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         poll=args.poll,
         poll_interval=args.poll_interval,
     )
+    # A read-only store would otherwise surface only at the first best eval, too late.
+    preflight_store(config.store)
+    if not config.run_dir.exists():
+        # Trainers often start after the daemon, so this is no error; but a mistyped path
+        # would wait forever in silence, so say it where the user is looking.
+        log.warning(
+            "%s does not exist yet; created it and waiting for %s to appear", config.run_dir, config.log
+        )
     daemon = RunDaemon(config)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
@@ -241,12 +312,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     store = _store_for(args)
     records = store.list()
-    metric = _criterion_for(args).metric
+    if not records:
+        return _nothing_in(store, args.json)
+    metric = _criterion_for(args, store, records).metric
     if args.json:
         print(json.dumps([_record_json(store, r) for r in records], indent=1))
-        return EXIT_OK
-    if not records:
-        print(f"no checkpoints in {store.root}", file=sys.stderr)
         return EXIT_OK
     rows = [("STEP", "TAGS", metric.upper(), "SIZE", "AGE", "NAME")]
     now = time.time()
@@ -268,12 +338,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _nothing_in(store: Store, as_json: bool) -> int:
+    """An empty store is "nothing to show" (exit 1) for people and scripts alike."""
+    print(f"ckptd: no checkpoints in {store.root}", file=sys.stderr)
+    if as_json:
+        print("[]")
+    return EXIT_EMPTY
+
+
 def _cmd_best(args: argparse.Namespace) -> int:
     from ckptd.policy import BestN
 
     store = _store_for(args)
-    criterion = _criterion_for(args)
     records = store.list()
+    criterion = _criterion_for(args, store, records, warn=bool(records))  # no guess to own up to
     kept = BestN(criterion, 1).preserve(records)
     best = next((r for r in records if r.name in kept), None)
     if best is None:
@@ -288,14 +366,14 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    paths = RunPaths(Path(args.run_dir))
-    if not paths.run_dir.is_dir():
-        raise ConfigError(f"run directory {paths.run_dir} does not exist")
+    paths = RunPaths(_run_dir(args))
     age = heartbeat_age(paths)
     try:
         status = json.loads(paths.status.read_bytes()) if age is not None else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         status = {}
+    if not isinstance(status, dict):
+        status = {"state": f"unreadable status.json ({type(status).__name__})"}
     alive = age is not None and age <= STALE_AFTER_S
     if args.json:
         print(json.dumps({**status, "alive": alive, "heartbeat_age_s": age}, indent=1))
@@ -306,43 +384,124 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if alive else EXIT_EMPTY
 
 
-def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
-    state = "running" if alive else f"not running ({status.get('state', 'no heartbeat')})"
-    print(f"daemon      {state}, pid {status.get('pid')} on {status.get('host')}")
+def _daemon_state(status: dict[str, Any], alive: bool, age: float) -> str:
     if alive:
-        rss, anon = (_fmt_bytes(int(status.get(k) or 0)) for k in ("rss_bytes", "rss_anon_bytes"))
+        return "running"
+    if status.get("state") == "running":
+        # A clean halt writes state=stopped; "running" with a stale heartbeat means it never could.
+        return (
+            "not running (the daemon stopped without saying so: killed or crashed; "
+            f"last heartbeat {age:.0f} s ago)"
+        )
+    return f"not running ({status.get('state', 'no heartbeat')})"
+
+
+def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
+    # status.json may come from another version of ckptd or be damaged: every field read here
+    # is type-checked, and what is not as expected shows as "?", never as a traceback.
+    def field(key: str) -> str:
+        return _shown(status, key)
+
+    print(f"daemon      {_daemon_state(status, alive, age)}, pid {field('pid')} on {field('host')}")
+    if alive:
+        rss, anon = (_fmt_bytes(_number(status.get(k))) for k in ("rss_bytes", "rss_anon_bytes"))
         print(f"heartbeat   {age:.1f} s ago, RSS {rss} ({anon} anonymous)")
-    print(f"log         {status.get('log')} ({status.get('log_format')}, {status.get('watcher')})")
-    print(f"lag         {status.get('log_lag_bytes')} bytes unread")
-    for metric, best in (status.get("bests") or {}).items():
-        print(f"best        {metric} {_fmt_metric(best.get('value'))} at step {best.get('step')}")
+    print(f"log         {field('log')} ({field('log_format')}, {field('watcher')})")
+    lag = status.get("log_lag_bytes")
+    print(f"lag         {'unknown' if lag is None else _fmt_bytes(_number(lag))} unread")
+    for c in _dicts(status.get("criteria")):
+        print(f"watching    {_shown(c, 'metric')} ({_shown(c, 'mode')}), keep best {_shown(c, 'keep')}")
+    bests = status.get("bests")
+    for metric, best in bests.items() if isinstance(bests, dict) else ():
+        if isinstance(best, dict):
+            value = _fmt_metric(_float(best.get("value")))
+            print(f"best        {metric} {value} at step {_shown(best, 'step')}")
     verdict = status.get("last_verdict")
-    if verdict:
-        print(f"last        step {verdict['eval_step']}: {verdict['action']} ({verdict['reason']})")
-    print(f"persisted   {status.get('persisted')} checkpoint(s), {status.get('pending_acks')} pending")
-    malformed = status.get("malformed_lines") or {}
-    if malformed:
+    if isinstance(verdict, dict):
+        v = {k: _shown(verdict, k) for k in ("eval_step", "action", "reason")}
+        print(f"last        step {v['eval_step']}: {v['action']} ({v['reason']})")
+    print(f"persisted   {field('persisted')} checkpoint(s), {field('pending_acks')} pending")
+    malformed = status.get("malformed_lines")
+    if isinstance(malformed, dict) and malformed:
         print("malformed   " + ", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items())))
+    trainer = status.get("trainer")
+    if isinstance(trainer, dict) and trainer.get("skipped_captures"):
+        t = {k: _shown(trainer, k) for k in ("skipped_captures", "last_skip_step", "last_skip_reason")}
+        print(
+            f"trainer     skipped {t['skipped_captures']} capture(s), "
+            f"last at step {t['last_skip_step']}: {t['last_skip_reason']}"
+        )
+    notes = status.get("log_notes")
+    for note in notes if isinstance(notes, list) else ():
+        print(f"note        {note}")
     if status.get("last_error"):
-        print(f"last error  {status['last_error']}")
+        print(f"last error  {field('last_error')}")
+
+
+def _shown(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    return "?" if isinstance(value, (dict, list)) or value is None else str(value)
+
+
+def _dicts(value: object) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _number(value: object) -> int:
+    return (
+        int(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        else 0
+    )
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     store = _store_for(args)
-    names = args.names or [r.name for r in store.list()]
-    results = []
-    for name in names:
-        started = time.monotonic()
-        problems = store.verify(name)
-        results.append({"name": name, "ok": not problems, "problems": problems})
-        if not args.json:
-            verdict = "ok" if not problems else "CORRUPT: " + "; ".join(problems)
-            print(f"{name}  {verdict}  ({time.monotonic() - started:.1f} s)", flush=True)
+    # Every directory named like a checkpoint, not only those whose manifest reads:
+    # an unreadable manifest is exactly what verify exists to report.
+    present = store.checkpoint_dirs()
+    unknown = [name for name in args.names if name not in present]
+    if unknown:
+        raise ConfigError(f"no checkpoint named {', '.join(unknown)} in {store.root} (see ckptd ls)")
+    names = args.names or present
+    if not names:
+        return _nothing_in(store, args.json)
+    results = [result for name in names if (result := _verify_one(store, name, args.json))]
     if args.json:
         print(json.dumps(results, indent=1))
-    elif not names:
-        print(f"no checkpoints in {store.root}", file=sys.stderr)
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_CORRUPT
+
+
+def _verify_one(store: Store, name: str, quiet: bool) -> dict[str, Any] | None:
+    """One checkpoint's verdict, printed unless ``quiet``; None if it was rotated out meanwhile."""
+    started = time.monotonic()
+    problems = _problems_of(store, name)
+    if problems is None:
+        return None
+    if not quiet:
+        verdict = "ok" if not problems else "CORRUPT: " + "; ".join(problems)
+        print(f"{name}  {verdict}  ({time.monotonic() - started:.1f} s)", flush=True)
+    return {"name": name, "ok": not problems, "problems": problems}
+
+
+def _problems_of(store: Store, name: str) -> list[str] | None:
+    try:
+        store.read(name)  # every field ls, best and retention rely on, not only the hashes
+        problems = store.verify(name)
+    except FileNotFoundError:
+        if not store.path_of(name).exists():
+            return None  # a running daemon's retention removed it: nothing to report
+        return [f"manifest {MANIFEST} is missing"]
+    except (StoreError, ValueError) as exc:
+        if isinstance(exc, StoreError) and exc.action:
+            raise  # could not read it (permissions, I/O): a store error, not a corrupt checkpoint
+        problem = getattr(exc, "problem", None) or str(exc)
+        return [problem if problem.startswith("manifest") else f"manifest: {problem}"]
+    return None if not store.path_of(name).exists() else problems
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -362,25 +521,92 @@ def _saved_state(run_dir: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _store_for(args: argparse.Namespace) -> Store:
+def _run_dir(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir)
+    if run_dir.is_file():
+        raise ConfigError(f"{run_dir} is a file, not a run directory")
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist")
+    return run_dir
+
+
+def _store_for(args: argparse.Namespace) -> Store:
+    run_dir = _run_dir(args)
     if args.store:
         return Store(run_dir / args.store)
     saved = _saved_state(run_dir).get("store")
     return Store(Path(saved) if isinstance(saved, str) else RunPaths(run_dir).default_store)
 
 
-def _criterion_for(args: argparse.Namespace) -> Criterion:
-    spec = getattr(args, "metric", None)
+def _criterion_for(
+    args: argparse.Namespace, store: Store, records: list[CheckpointRecord], *, warn: bool = False
+) -> Criterion:
+    """What "best" means, most explicit first: ``--metric M:MODE`` or ``--mode``; the mode the
+    daemon recorded in state.json; the one in the newest manifest; last, a guess from the name
+    (said on stderr when ``warn``: guessing max for ``eval_wer`` would pick the worst model).
+    """
+    metric, mode = _explicit(getattr(args, "metric", None), getattr(args, "mode", None))
+    recorded = _state_modes(Path(args.run_dir))
+    if metric is None:
+        metric = next(iter(recorded), None) or _manifest_metric(store, records)
+    mode = mode or recorded.get(metric) or _manifest_modes(store, records, metric).get(metric)
+    if mode is None:
+        mode = Criterion.default_mode(metric)
+        if warn:
+            print(
+                f"ckptd: no mode recorded for {metric} (not in .ckptd/state.json nor in a manifest); "
+                f"guessing {mode} from its name; say --metric {metric}:min or --mode to be sure",
+                file=sys.stderr,
+            )
+    return Criterion(metric, mode)
+
+
+def _explicit(spec: str | None, mode: str | None) -> tuple[str | None, Mode | None]:
+    """``--metric M[:MODE]`` and ``--mode`` as given; a mode only when the user typed one."""
     if not spec:
-        criteria = _saved_state(Path(args.run_dir)).get("criteria") or ["eval_loss"]
-        spec = str(criteria[0])
+        return None, _mode_or_none(mode)
     try:
-        return Criterion.parse(spec)
+        criterion = Criterion.parse(spec)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(f"--metric: {exc}") from exc
+    typed = spec.partition(":")[2].strip() or None
+    if typed and mode and typed != mode:
+        raise ConfigError(f"--metric {spec} and --mode {mode} disagree; give the mode once")
+    return criterion.metric, _mode_or_none(typed or mode)
+
+
+def _mode_or_none(mode: object) -> Mode | None:
+    return mode if mode in _MODES else None  # type: ignore[return-value]
+
+
+def _state_modes(run_dir: Path) -> dict[str, Mode]:
+    """``criteria`` of state.json (``["eval_wer:min", ...]``) as {metric: mode}, in order."""
+    modes: dict[str, Mode] = {}
+    criteria = _saved_state(run_dir).get("criteria")
+    for spec in criteria if isinstance(criteria, list) else []:
+        metric, _, mode = str(spec).partition(":")
+        if metric and _mode_or_none(mode):
+            modes.setdefault(metric, mode)  # type: ignore[arg-type]
+    return modes
+
+
+def _manifest_modes(store: Store, records: list[CheckpointRecord], metric: str | None) -> dict[str, Mode]:
+    """The ``criteria`` of the newest manifest that has some (naming ``metric``, when given)."""
+    for record in sorted(records, key=lambda r: r.created, reverse=True):
+        try:
+            raw = store.manifest(record.name).get("criteria")
+        except (OSError, ValueError):
+            continue  # rotated out or unreadable: an older manifest may still tell
+        modes = {str(k): v for k, v in raw.items() if _mode_or_none(v)} if isinstance(raw, dict) else {}
+        if modes and (metric is None or metric in modes):
+            return modes
+    return {}
+
+
+def _manifest_metric(store: Store, records: list[CheckpointRecord]) -> str:
+    # Manifests keep their keys sorted, not in the daemon's order: prefer the usual default.
+    metrics = list(_manifest_modes(store, records, None))
+    return "eval_loss" if not metrics or "eval_loss" in metrics else metrics[0]
 
 
 def _record_json(store: Store, record: CheckpointRecord) -> dict[str, Any]:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.errors import ConfigError
+from ckptd.logs.detect import FORMATS
 from ckptd.logs.regex import RegexFormat
 from ckptd.protocol import HEARTBEAT_INTERVAL_S, RunPaths
 from ckptd.records import Criterion
+
+# Beyond a minute between polls the daemon answers a waiting trainer far too late to matter.
+MAX_POLL_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,12 @@ class RunConfig:
         run = Path(run_dir).resolve()
         if run.exists() and not run.is_dir():
             raise ConfigError(f"run directory {run} is a file, not a directory")
+        # Every value is checked here, before the daemon touches the disk: a bad one found
+        # later would leave .ckptd/ and staging dirs behind, or kill the daemon mid-log.
+        _check_keep_best(keep_best)
+        _check_min_delta(min_delta)
+        _check_poll_interval(poll_interval)
+        _check_read(log_format, step_key)
         criteria = tuple(parse_best(spec, keep_best, min_delta) for spec in best)
         if not criteria:
             raise ConfigError("watch at least one metric (--best METRIC[:min|max][:K])")
@@ -71,8 +84,6 @@ class RunConfig:
         _check_counts(keep_last=keep_last, keep_every=keep_every, every_steps=every_steps)
         if regex is not None:
             RegexFormat(regex)  # a bad pattern is a usage error now, not when the daemon starts
-        if poll_interval <= 0:
-            raise ConfigError(f"--poll-interval must be > 0 seconds, not {poll_interval}")
         store_path = (run / store if store else RunPaths(run).default_store).resolve()
         if store_path == run:
             raise ConfigError("the store cannot be the run directory itself; use a subdirectory")
@@ -95,22 +106,100 @@ class RunConfig:
 def parse_best(spec: str, default_keep: int = 1, min_delta: float = 0.0) -> tuple[Criterion, int]:
     """``eval_loss``, ``eval_loss:min``, ``eval_acc:max:3`` → (criterion, how many to keep)."""
     head, _, last = spec.rpartition(":")
-    keep = default_keep
+    keep, keep_from = default_keep, "--keep-best"
     if head and last.strip().isdigit():
-        spec, keep = head, int(last)
+        spec, keep, keep_from = head, int(last), f"--best {spec!r}"
     try:
         criterion = Criterion.parse(spec, min_delta)
     except ValueError as exc:
         raise ConfigError(f"--best {spec!r}: {exc}") from exc
-    if keep < 1:
-        raise ConfigError(f"--best {spec!r}: keep at least 1 best checkpoint (the best is never deleted)")
+    if keep < 1:  # name the option the 0 came from, not --best when the user typed --keep-best
+        raise ConfigError(f"{keep_from}: keep at least 1 best checkpoint (the best is never deleted)")
     return criterion, keep
 
 
+def preflight_store(path: str | Path) -> None:
+    """Raise ConfigError unless ``path`` (or, while it does not exist, its nearest existing
+    ancestor, where it will be created) is a directory this process can write.
+
+    Leaves nothing behind (as root, a probe file is created and removed at once): better
+    refused at start than a daemon that judges evals and then cannot keep a checkpoint.
+    """
+    target = Path(path)
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if existing == target and not existing.is_dir():
+        raise ConfigError(f"cannot use the store {target}: not a directory")
+    if not existing.is_dir():
+        raise ConfigError(f"cannot use the store {target}: {existing} is a file, not a directory")
+    problem = _not_writable(existing)
+    if problem:
+        where = "" if existing == target else f" (it would be created in {existing})"
+        raise ConfigError(f"cannot write the store {target}{where}: {problem}")
+
+
+def _not_writable(directory: Path) -> str | None:
+    """Why ``directory`` cannot take new entries, or None."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "permission denied or read-only filesystem"
+    if os.geteuid() != 0:
+        return None
+    # Root passes access() on permission bits but still fails on a read-only mount, an
+    # immutable dir or a root-squashed NFS export: only a real write tells.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ckptd-probe-", dir=directory)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _check_keep_best(keep_best: int) -> None:
+    if not _is_int(keep_best) or keep_best < 1:
+        raise ConfigError(
+            f"--keep-best: keep at least 1 best checkpoint (the best is never deleted), not {keep_best!r}"
+        )
+
+
+def _check_min_delta(min_delta: float) -> None:
+    if not _is_number(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
+        raise ConfigError(f"--min-delta must be a finite number >= 0, not {min_delta!r}")
+
+
+def _check_poll_interval(seconds: float) -> None:
+    if not _is_number(seconds) or not math.isfinite(seconds) or not 0 < seconds <= MAX_POLL_INTERVAL_S:
+        raise ConfigError(
+            f"--poll-interval must be a number of seconds > 0 and <= {MAX_POLL_INTERVAL_S:g}, not {seconds!r}"
+        )
+
+
+def _check_read(log_format: str, step_key: str | None) -> None:
+    if log_format not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, not {log_format!r}")
+    if step_key is None:
+        return
+    if not isinstance(step_key, str) or not all(step_key.split(".")):
+        raise ConfigError(
+            f"--step-key {step_key!r}: a dotted JSON key such as trainer.step, "
+            "with no empty part (no leading, trailing or doubled dot)"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_counts(**counts: int | None) -> None:
-    if (counts["keep_last"] or 0) < 0:
-        raise ConfigError(f"--keep-last must be >= 0, not {counts['keep_last']}")
+    keep_last = counts["keep_last"]
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last < 0:
+        raise ConfigError(f"--keep-last must be >= 0, not {keep_last!r}")
     for name in ("keep_every", "every_steps"):
         value = counts[name]
-        if value is not None and value < 1:
+        if value is not None and (not _is_int(value) or value < 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, not {value}")
