@@ -56,7 +56,8 @@ class Fields:
             return default
         if not is_count(value):
             raise self.error(name, "an integer >= 0")
-        return int(value)
+        assert isinstance(value, int)  # is_count said so; for the type checker
+        return value
 
     def optional_count(self, name: str) -> int | None:
         return self.count(name) if self.has(name) else None

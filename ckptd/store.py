@@ -43,6 +43,9 @@ OWNER_NAME = ".ckptd-store.json"
 OWNER_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8,})(?:-(\d+))?$")
 _CHUNK = 16 << 20
+# Store has a method called list: inside its body, list[...] would name the method.
+Names = list[str]
+Paths = list[Path]
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-sha256")
 
 
@@ -113,7 +116,7 @@ class Store:
         """The lock every deleter holds (daemon retention, ``ckptd prune``)."""
         return FileLock(str(self.root / LOCK_NAME), timeout=timeout)
 
-    def clean_temp(self) -> list[str]:
+    def clean_temp(self) -> Names:
         """Remove what a crash left behind: temp directories are never a checkpoint."""
         removed = []
         for entry in self._entries():
@@ -184,7 +187,7 @@ class Store:
                 log.warning("skipping %s", exc)
         return sorted(records, key=lambda r: (r.step, r.created, r.name))
 
-    def checkpoint_dirs(self) -> list[str]:
+    def checkpoint_dirs(self) -> Names:
         """Directories named like a checkpoint, step order, whether their manifest reads or not.
 
         ``list`` leaves out what it cannot read; ``verify`` must account for exactly those.
@@ -222,7 +225,7 @@ class Store:
         os.rename(target, doomed)
         shutil.rmtree(doomed)
 
-    def verify(self, name: str) -> list[str]:
+    def verify(self, name: str) -> Names:
         """Problems found re-hashing every file against the manifest (empty: intact)."""
         document = self.manifest(name)
         files = document.get("files")
@@ -295,7 +298,7 @@ class Store:
             log.error("owner file %s is unreadable (%s); moved to %s", path, exc, aside.name)
             return None
 
-    def _entries(self) -> list[Path]:
+    def _entries(self) -> Paths:
         try:
             with _doing("list the store", self.root):
                 return list(self.root.iterdir())

@@ -282,7 +282,7 @@ class CheckpointClient:
 
     def _periodic_due(self, control: Control, step: int) -> bool:
         every = control.every_steps
-        return bool(every) and step > 0 and step % every == 0 and step != self._last_periodic_step
+        return every is not None and step > 0 and step % every == 0 and step != self._last_periodic_step
 
     # -- capture ---------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from ckptd.logs.follow import HistoryEnd, history_end_at
 from ckptd.logs.hf import BAR, HfStateSource, HfStdoutFormat
 from ckptd.logs.jsonl import AUTO_STEP_KEYS, JsonlFormat, LineCounter
 from ckptd.logs.regex import RegexFormat
-from ckptd.logs.source import EventSource, LineSource, line_cursor
+from ckptd.logs.source import EventSource, LineFormat, LineSource, line_cursor
 from ckptd.records import LogEvent
 
 log = logging.getLogger("ckptd.logs")
@@ -162,7 +162,7 @@ class _Options:
             return HfStateSource(path, cursor, history=history is True)
         if log_format == "lightning-csv" and path.is_dir():
             return LightningVersionsSource(path, cursor)
-        formats = {
+        formats: dict[str, Callable[[], LineFormat]] = {
             "jsonl": lambda: JsonlFormat(self.step_key, self.watched),
             "hf-stdout": HfStdoutFormat,
             "lightning-csv": lambda: LightningCsvFormat(path),

@@ -556,6 +556,9 @@ def _signature(path: str) -> tuple[int, int, int, int] | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+_REPLAN_ROUNDS = 8  # deeper than any path that appears at once in practice
+
+
 class ChangeWatcher:
     """Calls ``wake()`` (from a background thread) whenever the file at ``path`` may have changed.
 
@@ -656,8 +659,12 @@ class ChangeWatcher:
         that exists), then wake: what appeared before the new watch was placed is read too."""
         with self._plan_lock:
             observer = self._observer
-            plan = self._plan()
-            if observer is not None and not self._stopping.is_set() and plan != self._watched:
+            # Again until the plan holds still: a folder created (mkdir -p) between planning
+            # and placing the watch sends no event to the new watch, so look once more after.
+            for _ in range(_REPLAN_ROUNDS):
+                plan = self._plan()
+                if observer is None or self._stopping.is_set() or plan == self._watched:
+                    break
                 try:
                     self._schedule(observer, plan)
                 except OSError as exc:  # the folder went again between the check and the watch

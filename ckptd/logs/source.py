@@ -57,7 +57,11 @@ class EventSource(Protocol):
     name: str
     watch_path: Path  # what the ChangeWatcher watches
     watch_children: bool  # True: watch_path is a directory whose files change
-    malformed: LineCounter
+
+    @property
+    def malformed(self) -> LineCounter:
+        """Unreadable lines counted by kind (shown in status)."""
+        ...
 
     def read_history(self) -> list[LogEvent]:
         """Events from the next stretch of the history (bounded memory, like ``read_events``);
