@@ -137,7 +137,11 @@ def _add_run(commands: Any) -> None:
     kept.add_argument(
         "--every-steps", type=int, metavar="M", help="ask the trainer for a capture every M steps"
     )
-    kept.add_argument("--store", help="checkpoint directory (default: RUN_DIR/checkpoints)")
+    kept.add_argument(
+        "--store",
+        help="checkpoint directory; a relative path is relative to RUN_DIR, like --log "
+        "(default: RUN_DIR/checkpoints)",
+    )
     read = run.add_argument_group("what is read")
     read.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
     read.add_argument(
@@ -182,7 +186,10 @@ def _query(
 
 
 def _add_store_option(parser: Any) -> None:
-    parser.add_argument("--store", help="checkpoint directory (default: where the daemon's state says)")
+    parser.add_argument(
+        "--store",
+        help="checkpoint directory, relative to RUN_DIR (default: where the daemon's state says)",
+    )
 
 
 def _add_ls(commands: Any) -> None:
@@ -276,6 +283,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
     )
+    if args.metric is not None and not args.metric.strip():
+        raise ConfigError("--metric needs a metric name, e.g. --metric eval_loss")
     primary = [f"{args.metric}:{args.mode}" if args.mode else args.metric] if args.metric else []
     if not primary and not args.best:
         primary = [f"eval_loss:{args.mode}" if args.mode else "eval_loss"]
@@ -360,6 +369,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
             f"({len(records)} checkpoint(s) in all)",
             file=sys.stderr,
         )
+        if args.json:
+            print("null")  # scripts always get a JSON document, as ls and verify give []
         return EXIT_EMPTY
     print(json.dumps(_record_json(store, best), indent=1) if args.json else store.path_of(best.name))
     return EXIT_OK
@@ -516,7 +527,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _saved_state(run_dir: Path) -> dict[str, Any]:
     try:
         data = json.loads(RunPaths(run_dir).state.read_bytes())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -49,6 +49,13 @@ class Fields:
     def has(self, name: str) -> bool:
         return self.data.get(name) is not None
 
+    def flag(self, name: str) -> bool:
+        """A boolean (absent: False)."""
+        value = self.data.get(name, False)
+        if not isinstance(value, bool):
+            raise self.error(name, "true or false")
+        return value
+
     def count(self, name: str, default: int | None = None) -> int:
         """An integer >= 0 (a step, a seq, a byte count)."""
         value = self.data.get(name)

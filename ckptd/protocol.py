@@ -126,8 +126,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ProtocolError(path, f"cannot read: {exc.strerror}") from exc
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(path, f"not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        raise ProtocolError(path, f"not valid JSON ({type(exc).__name__})") from exc
     if not isinstance(data, dict):
         raise ProtocolError(path, f"expected a JSON object, found {type(data).__name__}")
     version = data.get("protocol")
@@ -167,18 +167,7 @@ class Control:
     @classmethod
     def from_json(cls, path: Path, data: Mapping[str, Any]) -> Control:
         fields = Fields(path, data)
-        verdict = None
-        if fields.has("action"):
-            action = fields.text("action")
-            if action not in ("snapshot", "skip"):
-                raise ProtocolError(path, f"unknown action {action!r}")
-            verdict = Verdict(
-                eval_step=fields.count("eval_step"),
-                action=action,  # type: ignore[arg-type]
-                tags=fields.texts("tags"),
-                reason=fields.text("reason", ""),
-                metrics=fields.metrics("metrics"),
-            )
+        verdict = verdict_from_fields(fields) if fields.has("action") else None
         every = fields.optional_count("every_steps")
         if every is not None and every < 1:
             raise ProtocolError(path, f"every_steps must be >= 1, not {every}")
@@ -190,6 +179,20 @@ class Control:
             verdict=verdict,
             written=fields.number("written"),
         )
+
+
+def verdict_from_fields(fields: Fields) -> Verdict:
+    """A verdict as :func:`verdict_to_json` wrote it (in control.json or state.json)."""
+    action = fields.text("action")
+    if action not in ("snapshot", "skip"):
+        raise ProtocolError(fields.path, f"unknown action {action!r}")
+    return Verdict(
+        eval_step=fields.count("eval_step"),
+        action=action,  # type: ignore[arg-type]
+        tags=fields.texts("tags"),
+        reason=fields.text("reason", ""),
+        metrics=fields.metrics("metrics"),
+    )
 
 
 def verdict_to_json(verdict: Verdict) -> dict[str, Any]:

@@ -80,7 +80,8 @@ def read_slot_token(slot_dir: Path) -> str | None:
     or it carries no token. Reads the 8-byte length and the header only, never the data.
     """
     try:
-        with (slot_dir / TENSORS_FILE).open("rb") as handle:
+        fd = os.open(slot_dir / TENSORS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -97,7 +98,7 @@ def read_slot_token(slot_dir: Path) -> str | None:
 def _token_of(raw: bytes) -> str | None:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):
         return None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     token = metadata.get("token") if isinstance(metadata, dict) else None

@@ -10,6 +10,7 @@ that is not a committed checkpoint directly inside the store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -72,7 +74,7 @@ class PendingCheckpoint:
         """Copy the first ``nbytes`` of ``source`` into the checkpoint as ``name``, hashing as it goes."""
         target = self.directory / _plain(name)
         digest = hashlib.sha256()
-        with source.open("rb") as src, target.open("xb") as dst:
+        with _open_regular(source) as src, target.open("xb") as dst:
             size = os.fstat(src.fileno()).st_size
             if size < nbytes:
                 raise StoreError(source, f"ends after {size} of {nbytes} bytes")
@@ -82,6 +84,21 @@ class PendingCheckpoint:
             os.fsync(dst.fileno())
         self.files[name] = FileDigest(nbytes, digest.hexdigest())
         return self.files[name]
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file itself, not a link to one: a slot
+    file that is a symlink would copy whatever it points at (``/etc/passwd``) into the store."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(path, "is a symbolic link; refusing to read through it") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(path, "is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _copy_hashing(fd: int, nbytes: int, dst: BinaryIO, digest: Any) -> None:
@@ -204,8 +221,8 @@ class Store:
             with _doing("read the manifest", path):
                 raw = path.read_bytes()
             document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StoreError(path, f"manifest is not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
+            raise StoreError(path, f"manifest is not valid JSON ({type(exc).__name__})") from exc
         if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
             raise StoreError(path, "not a ckptd manifest of a known format")
         return document

@@ -502,3 +502,37 @@ def test_issue7_26_an_unsupported_leaf_later_in_the_run_is_counted_not_raised(
     assert counters["skipped_captures"] == 2 and counters["last_skip_step"] == 15
     assert "seen" in counters["last_skip_reason"]
     assert len(skips_logged(caplog)) == 1
+
+
+# -- found by hostile testing: a /dev/shm that holds one slot but not two ------------------------
+
+
+@pytest.fixture
+def small_shm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A 40 MiB tmpfs as the shared-memory root (Docker gives 64 MB): needs root to mount."""
+    mount_point = tmp_path / "small-shm"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40M", "tmpfs", str(mount_point)], check=False)
+    if done.returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    monkeypatch.setenv("CKPTD_SHM_ROOT", str(mount_point))
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_best_capture_waits_for_the_one_slot_a_small_shm_holds(tmp_path: Path, small_shm: Path) -> None:
+    paths = RunPaths(tmp_path / "run")
+    paths.acks.mkdir(parents=True)
+    state = {"w": torch.ones(24 * 2**20 // 4)}  # 24 MiB: one slot fits in 40 MiB, two do not
+    ask(paths, 1, every=1)
+    with CheckpointClient(paths.run_dir, rendezvous_timeout=3.0) as client:
+        # The first slot is created at the state's size when the 64 MiB round-up does not fit.
+        assert client.maybe_snapshot(1, lambda: state)
+        (pending,) = list(paths.acks.iterdir())
+        ask(paths, 2, verdict=Verdict(2, "snapshot", ("best:eval_loss",)))
+        freed = _write_later(0.5, pending.unlink)  # the daemon commits slot-0 and frees it
+        started = time.monotonic()
+        assert client.maybe_snapshot(2, lambda: state), "the best waited for slot-0, not skipped"
+        assert time.monotonic() - started < 3.0
+        freed.join()
+    assert read_ack(paths.acks / "2.json").slot == "slot-0"

@@ -318,7 +318,9 @@ def test_issue7_09_a_second_metric_on_its_own_line_at_the_same_step_is_judged(
     append_lines(log, {"step": 100, "eval_b_loss": 0.9})
     wait_for(lambda: read_control(paths.control).seq > seq, what="eval_b judged")
     control = read_control(paths.control)
-    assert control.verdict is not None and control.verdict.tags == ("best:eval_b_loss",)
+    # Joined with the snapshot standing for step 100: one capture, best on both.
+    assert control.verdict is not None
+    assert control.verdict.tags == ("best:eval_a_loss", "best:eval_b_loss")
     wait_for(lambda: set(status(run)["bests"]) == {"eval_a_loss", "eval_b_loss"}, what="both bests")
     assert daemon.stop() == 0
 
@@ -338,7 +340,7 @@ def test_issue7_10_a_bogus_huge_step_and_a_resume_do_not_silence_the_daemon(
     assert "resumed" in daemon.log()
 
     again = daemons(run)  # across a restart: nothing re-judged, the next line judged
-    assert read_control(paths.control).verdict is None
+    assert verdict(paths) == (850, "snapshot"), "only the unanswered snapshot is asked again"
     append_lines(log, {"step": 900, "eval_loss": 0.2})
     wait_for(lambda: verdict(paths) == (900, "snapshot"), what="judged after a restart")
     assert again.stop() == 0
@@ -379,4 +381,207 @@ def test_issue7_15_a_watched_metric_that_never_appears_is_named(
     append_lines(log, *({"step": s, "loss": 1.0, "eval_loss": 0.5} for s in (10, 20, 30)))
     wait_for(lambda: "eval_wer" in str(status(run)["last_error"]), what="the warning")
     assert "eval_loss" in str(status(run)["last_error"])
+    assert daemon.stop() == 0
+
+
+# -- found by hostile testing after the fixes above -------------------------------------------
+
+
+def test_a_restart_asks_again_for_a_snapshot_the_trainer_had_not_captured(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    import torch
+
+    from ckptd import CheckpointClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    log, paths = run / "logging.jsonl", RunPaths(run)
+    first = daemons(run)
+    client = CheckpointClient(run)  # the trainer, running across the daemon's crash
+    append_lines(log, {"step": 10, "eval_loss": 0.5})
+    assert client.wait_verdict(10) is not None
+    assert client.maybe_snapshot(10, lambda: {"w": torch.full((4,), 10.0)})
+    append_lines(log, {"step": 20, "eval_loss": 0.1})
+    wait_for(lambda: verdict(paths) == (20, "snapshot"), what="the verdict for step 20")
+    first.proc.send_signal(signal.SIGKILL)  # before the trainer reached maybe_snapshot(20)
+    first.proc.wait()
+
+    second = daemons(run)
+    assert client.maybe_snapshot(20, lambda: {"w": torch.full((4,), 20.0)})
+    store = Store(run / "checkpoints")
+    wait_for(lambda: {r.step for r in store.list()} == {10, 20}, what="both persisted")
+    client.close()
+    assert second.stop() == 0
+    shown = ckptd("best", str(run))
+    assert shown.stdout.strip() == str(store.path_of("step-00000020"))
+
+
+def test_a_line_logged_while_the_daemon_was_down_is_judged_at_restart(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    log, paths = run / "logging.jsonl", RunPaths(run)
+    daemons(run).stop()
+    append_lines(log, {"step": 10, "eval_loss": 0.5})  # the daemon is down (a crash, a restart)
+    again = daemons(run)
+    wait_for(lambda: verdict(paths) == (10, "snapshot"), what="the verdict at restart")
+    assert again.stop() == 0
+
+
+def test_a_periodic_capture_of_the_best_step_is_ranked_after_a_restart(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    import torch
+
+    from ckptd import CheckpointClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    log, paths = run / "logging.jsonl", RunPaths(run)
+    first = daemons(run, "--every-steps", "10")
+    append_lines(log, {"step": 20, "eval_loss": 0.1})
+    wait_for(lambda: verdict(paths) == (20, "snapshot"), what="the verdict")
+    assert first.stop() == 0
+    second = daemons(run, "--every-steps", "10")
+    with CheckpointClient(run) as client:  # started after the verdict: captures by schedule only
+        assert client.maybe_snapshot(20, lambda: {"w": torch.zeros(2)})
+        wait_for(lambda: not pending_ack_paths(paths), what="the persist")
+    assert second.stop() == 0
+    (record,) = Store(run / "checkpoints").list()
+    assert record.metrics == {"eval_loss": 0.1}, "the state's best names the metric of its step"
+    assert ckptd("best", str(run)).returncode == 0
+
+
+def test_a_symlinked_staging_dir_is_refused_and_nothing_is_deleted_through_it(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemons(run).stop()
+    run_id = json.loads(RunPaths(run).state.read_text())["run_id"]
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "keep.txt").write_text("keep")
+    (shm_root / f"ckptd-{run_id}").symlink_to(victim)
+    refused = ckptd("run", str(run))
+    assert refused.returncode == 2 and "symlink" in refused.stderr, refused.stderr
+    assert (victim / "sub" / "keep.txt").read_text() == "keep"
+
+
+def test_a_slot_that_links_outside_is_never_copied(tmp_path: Path, daemons, shm_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the store " * 10)
+    daemon = daemons(run)
+    run_id = json.loads(RunPaths(run).state.read_text())["run_id"]
+    slot = shm_root / f"ckptd-{run_id}" / "slot-7"
+    slot.mkdir(parents=True)
+    (slot / "tensors.safetensors").symlink_to(secret)
+    ack = {
+        "protocol": PROTOCOL_VERSION,
+        "name": "step-5",
+        "captured_step": 5,
+        "slot": "slot-7",
+        "files": {"tensors.safetensors": 100},
+        "created": 1.0,
+    }
+    atomic_write_json(RunPaths(run).acks / "step-5.json", ack)
+    wait_for(lambda: (RunPaths(run).acks / "step-5.json.rejected").exists(), timeout=15, what="set aside")
+    assert Store(run / "checkpoints").list() == []
+    assert daemon.stop() == 0
+    assert secret.exists()
+
+
+def test_deeply_nested_files_stop_neither_the_daemon_nor_the_cli(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run)
+    deep = "[" * 200_000
+    (RunPaths(run).meta / "client.json").write_text(deep)
+    store = Store(run / "checkpoints")
+    bad = store.root / "step-00000001"
+    bad.mkdir()
+    (bad / "MANIFEST.json").write_text(deep)
+    append_lines(run / "logging.jsonl", {"step": 1, "eval_loss": 0.5})
+    wait_for(lambda: verdict(RunPaths(run)) == (1, "snapshot"), what="judged")
+    verified = ckptd("verify", str(run))
+    assert verified.returncode == 5 and "Traceback" not in verified.stderr, verified.stderr
+    assert ckptd("ls", str(run)).returncode == 1
+    assert daemon.proc.poll() is None
+    assert daemon.stop() == 0, daemon.log()
+
+
+def test_an_ack_written_in_place_is_read_once_complete(tmp_path: Path, daemons, shm_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run)
+    ack = RunPaths(run).acks / "step-3.json"
+    ack.write_text("")  # `echo ... > acks/step-3.json`: the daemon may look before it is filled
+    import time
+
+    time.sleep(1.0)
+    assert ack.exists(), "an ack still being written must not be set aside at once"
+    wait_for(lambda: (RunPaths(run).acks / "step-3.json.rejected").exists(), timeout=15, what="set aside")
+    assert daemon.stop() == 0
+
+
+def test_cli_small_ones_found_by_hostile_testing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert ckptd("run", str(run), "--metric", "").returncode == 2
+    (run / "checkpoints").mkdir()
+    best = ckptd("best", str(run), "--json")
+    assert best.returncode == 1 and json.loads(best.stdout) is None
+
+
+def test_two_criteria_on_separate_lines_at_one_step_give_one_capture_with_both(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = RunPaths(run)
+    daemon = daemons(run, "--best", "eval_loss:min", "--best", "eval_acc:max")
+    evals = [{"step": 10, "eval_loss": 0.5}, {"step": 10, "eval_acc": 0.6}]
+    append_lines(run / "logging.jsonl", *evals)  # HF: one line per eval dataset, one flush
+    wait_for(lambda: set(status(run)["bests"]) == {"eval_loss", "eval_acc"}, what="both judged")
+    append_lines(run / "logging.jsonl", {"step": 20, "eval_loss": 0.4}, {"step": 20, "eval_acc": 0.1})
+    wait_for(lambda: status(run)["bests"]["eval_loss"]["step"] == 20, what="step 20 judged")
+    control = read_control(paths.control)
+    assert control.verdict is not None
+    assert (control.verdict.eval_step, control.verdict.action) == (20, "snapshot"), "a skip replaced it"
+    assert control.verdict.tags == ("best:eval_loss",)
+    assert daemon.stop() == 0
+
+
+def test_two_criteria_snapshots_at_one_step_are_joined(tmp_path: Path, daemons, shm_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run, "--best", "eval_loss:min", "--best", "eval_acc:max")
+    append_lines(run / "logging.jsonl", {"step": 10, "eval_loss": 0.5}, {"step": 10, "eval_acc": 0.6})
+    wait_for(
+        lambda: (c := read_control(RunPaths(run).control).verdict) is not None and len(c.tags) == 2,
+        what="one verdict with both tags",
+    )
+    joined = read_control(RunPaths(run).control).verdict
+    assert joined is not None and joined.metrics == {"eval_loss": 0.5, "eval_acc": 0.6}
+    assert daemon.stop() == 0
+
+
+def test_a_line_equal_to_an_earlier_one_is_judged_again(tmp_path: Path, daemons, shm_root: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = RunPaths(run)
+    daemon = daemons(run)
+    lines = [{"step": 10, "eval_loss": 0.5}, {"step": 20, "eval_loss": 0.4}]
+    append_lines(run / "logging.jsonl", *lines)
+    wait_for(lambda: verdict(paths) == (20, "snapshot"), what="the first pass")
+    seq = read_control(paths.control).seq
+    append_lines(run / "logging.jsonl", *lines)  # a deterministic resume logs the same values
+    wait_for(lambda: read_control(paths.control).seq >= seq + 2, what="both judged again")
+    assert verdict(paths) == (20, "skip")
     assert daemon.stop() == 0

@@ -549,3 +549,36 @@ def test_issue7_cursor_of_a_rotated_file_is_the_new_one(tmp_path: Path) -> None:
     assert follower.read_lines() == [b"b"]
     assert follower.cursor == Cursor(log.stat().st_ino, 2, b"b\n".hex())
     follower.close()
+
+
+def test_a_line_after_a_hole_of_nul_bytes_is_read(tmp_path: Path) -> None:
+    # copytruncate with a writer that keeps its offset (opened with "w", not "a"): its next
+    # write lands past a hole, which reads as NUL bytes glued to the front of the next line.
+    log = tmp_path / "logging.jsonl"
+    log.write_bytes(b"\0" * 300 + b'{"step": 5, "eval_loss": 0.5}\n')
+    source = open_source(log, "jsonl", watched=["eval_loss"])
+    assert [e.step for e in drain_history(source)] == [5]
+    assert dict(source.malformed.counts) == {}
+
+
+def test_a_fifo_at_the_log_path_is_refused_without_blocking(tmp_path: Path) -> None:
+    log = tmp_path / "logging.jsonl"
+    os.mkfifo(log)
+    source = open_source(log, "jsonl", watched=["eval_loss"])
+    assert drain_history(source) == [] and source.read_events() == []  # returns: no blocking open
+    assert any("FIFO" in note for note in source.notes())
+    log.unlink()
+    log.write_text('{"step": 1, "eval_loss": 0.5}\n')
+    assert [e.step for e in source.read_events()] == [1]
+    assert not source.notes()
+
+
+def test_a_folder_named_like_a_log_file_is_no_tensorboard_dir(tmp_path: Path) -> None:
+    log = tmp_path / "logging.jsonl"
+    log.mkdir()  # briefly a folder at start (rm; mkdir; rmdir)
+    source = open_source(log, "auto", watched=["eval_loss"])
+    assert drain_history(source) == []
+    log.rmdir()
+    log.write_text('{"step": 3, "eval_loss": 0.5}\n')
+    assert [e.step for e in source.read_events()] == [3]
+    assert source.name == "jsonl"

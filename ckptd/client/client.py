@@ -412,15 +412,25 @@ class CheckpointClient:
         while True:
             busy = busy_slots(self.paths)
             free = [slot_name(i) for i in range(self._slot_count) if slot_name(i) not in busy]
-            if free:
-                # Prefer a slot we already hold mapped: no new page faults.
-                name = next((n for n in free if n in self._slots), free[0])
+            # Prefer a slot we hold mapped and large enough: no new page faults, no new memory.
+            free.sort(key=lambda name: (not self._fits(name, nbytes), name not in self._slots))
+            problem: SnapshotError | None = None
+            for name in free:
                 slot = self._slot(staging, name)
-                slot.ensure_capacity(nbytes)
-                return slot
+                try:
+                    slot.ensure_capacity(nbytes)
+                    return slot
+                except SnapshotError as exc:  # shared memory full: a busy slot, once free, fits
+                    problem = exc
             if time.monotonic() >= deadline:
+                if problem is not None:
+                    raise problem
                 return None
             time.sleep(0.01)
+
+    def _fits(self, name: str, nbytes: int) -> bool:
+        slot = self._slots.get(name)
+        return slot is not None and slot.capacity >= nbytes
 
     def _skip(self, step: int, kind: str, reason: str) -> bool:
         """A capture not taken: said once per kind of cause, counted in client.json every time."""

@@ -186,7 +186,12 @@ class Slot:
         if self._fd is not None and needed <= self.capacity:
             return
         self.close()
-        self._create(max(_SLOT_GRANULE, -(-needed // _SLOT_GRANULE) * _SLOT_GRANULE))
+        try:
+            self._create(max(_SLOT_GRANULE, -(-needed // _SLOT_GRANULE) * _SLOT_GRANULE))
+        except SnapshotError:
+            # The granule only spares regrowing; a small /dev/shm (Docker's 64 MB) may hold the
+            # state itself but not the round-up.
+            self._create(max(mmap.PAGESIZE, -(-needed // mmap.PAGESIZE) * mmap.PAGESIZE))
 
     def _create(self, capacity: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)

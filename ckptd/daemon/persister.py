@@ -143,7 +143,7 @@ class Persister:
             "exact": ack.requested_step in (None, ack.captured_step),
             "tags": list(ack.tags),
             "reason": ack.reason,
-            "metrics": dict(ack.metrics or job.metrics),
+            "metrics": {**job.metrics, **ack.metrics},
             "criteria": self.criteria,
             "run_id": self.run_id,
             "ack": {"name": ack.name, "seq": ack.seq, "created": ack.created},
@@ -154,9 +154,12 @@ class Persister:
     def _check_slot(ack: Ack, slot: Path) -> None:
         """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
         not shorter than the ack says, not overwritten by another writer."""
+        for folder in (slot.parent, slot):
+            if folder.is_symlink() or not folder.is_dir():
+                raise SlotLost(f"{folder} is not a plain directory (a symlink?); refusing to read it")
         for name, nbytes in ack.files.items():
             try:
-                size = (slot / name).stat().st_size
+                size = (slot / name).lstat().st_size
             except FileNotFoundError:
                 raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
             if size < nbytes:

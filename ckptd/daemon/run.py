@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,15 @@ from filelock import FileLock, Timeout
 from ckptd import __version__
 from ckptd.config import RunConfig
 from ckptd.daemon.persister import Job, Outcome, Persister
-from ckptd.daemon.state import DaemonState, bests_to_json, load_state, new_run_id, save_state
-from ckptd.errors import DaemonAlreadyRunning, ProtocolError
+from ckptd.daemon.state import (
+    DaemonState,
+    SnapshotVerdict,
+    bests_to_json,
+    load_state,
+    new_run_id,
+    save_state,
+)
+from ckptd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
 from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.policy import best_plus_last, judge
 from ckptd.protocol import (
@@ -54,6 +61,7 @@ _RECENT_EVALS = 4096  # eval metrics remembered for manifests of captures that a
 _RETRY_AFTER_S = 5.0  # a failed persist (disk full, ...) is retried this long after
 _SLOT_TRIES = 3  # an ack whose slot is gone or overwritten is set aside after this many tries
 _SLOT_RETRY_S = 1.0
+_YOUNG_S = 3.0  # an unreadable ack younger than this may still be being written: look again
 _UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
 
 
@@ -133,9 +141,12 @@ class RunDaemon:
         )
         self.store.ensure()
         lineage = self.store.claim(self._state.run_id, self.config.run_dir)
+        # Saved before anything is staged: a daemon killed during a long catch-up keeps its
+        # run id, so its next start finds (and can clean) the same staging dir.
+        save_state(self.paths.state, self._state)
         for name in self.store.clean_temp():
             log.warning("removed %s left in the store by an interrupted write", name)
-        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_staging()
         self._persister = Persister(
             self.store,
             self.staging,
@@ -147,11 +158,15 @@ class RunDaemon:
             best_steps=lambda: self._best_steps,
         )
         self._note_bests()
-        # Catch up first: history establishes the best, it is never judged as news. Its end
-        # was fixed when the source opened, so an eval appended meanwhile is live news.
+        self._publish_first()
+        # Catch up: a first start reads the log's history, which establishes the best and is
+        # never judged as news (its end was fixed when the source opened, so an eval appended
+        # meanwhile is live). A restart resumes at its cursor: what follows was never judged,
+        # and is judged now, so a line logged while the daemon was down still gets a verdict.
+        resumed = self._state.caught_up
         while not self._source.history_done and not self._stop_requested.is_set():
-            self._judge_all(self._source.read_history(), live=False)
-        self._publish(verdict=None)  # a fresh control: no stale verdict for a new trainer
+            self._judge_all(self._source.read_history(), live=resumed)
+        self._state = self._state.with_(caught_up=self._source.history_done)
         self._save_state()
         self._write_status()
         self._persister.start()
@@ -191,7 +206,7 @@ class RunDaemon:
         Its pending acks name slots of the original run: committing them could store the
         other run's weights, so they are set aside.
         """
-        fresh = state.with_(run_id=new_run_id())
+        fresh = state.with_(run_id=new_run_id(), caught_up=False)
         log.warning(
             "%s is a copy of %s (another directory): it gets its own run id %s (was %s)",
             self.config.run_dir,
@@ -202,6 +217,14 @@ class RunDaemon:
         for path in pending_ack_paths(self.paths):
             self._reject(path, f"it was copied from {state.run_dir or 'another run'} with the run dir")
         return fresh
+
+    def _make_staging(self) -> None:
+        if self.staging.is_symlink() or (self.staging.exists() and not self.staging.is_dir()):
+            raise ConfigError(
+                f"the staging path {self.staging} is not a plain directory (a symlink or a file): "
+                "ckptd will not stage snapshots or clean up through it; remove it"
+            )
+        self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @property
     def staging(self) -> Path:
@@ -298,8 +321,7 @@ class RunDaemon:
     def _on_event(self, event: LogEvent, *, live: bool) -> bool:
         """Every new log line is judged by its position, whatever its step: a lower step is a
         resumed run (or a new run in the same log), and its bests are real."""
-        if self._is_replay(event):
-            return False
+        self._remember(event)
         judgement = judge(self.config.criteria, self._state.bests, event)
         if judgement.verdict is None:
             return False
@@ -314,17 +336,31 @@ class RunDaemon:
         self._note_bests()
         if not live:
             return False
-        self._publish(judgement.verdict)
-        log.info("step %d: %s (%s)", event.step, judgement.verdict.action, judgement.verdict.reason)
+        verdict = self._with_standing(judgement.verdict)
+        if verdict is None:
+            return False
+        self._publish(verdict)
+        log.info("step %d: %s (%s)", event.step, verdict.action, verdict.reason)
         return True
 
-    def _is_replay(self, event: LogEvent) -> bool:
-        """An event identical to one already judged (same step, same values) is a log read
-        again (a rewritten CSV, a replaced file), not news: judging it again would re-issue."""
-        seen = self._evals.get(event.step)
-        replay = seen is not None and all(seen.get(k) == v for k, v in event.metrics.items())
-        self._remember(event)
-        return replay
+    def _with_standing(self, verdict: Verdict) -> Verdict | None:
+        """A second line at the step of a standing snapshot verdict (HF logs each eval dataset
+        on its own line) must not replace it: a skip leaves it standing (None: publish nothing),
+        a snapshot joins it, so one capture carries every criterion it is best on."""
+        last = self._last_verdict
+        if last is None or last.action != "snapshot" or last.eval_step != verdict.eval_step:
+            return verdict
+        if verdict.action == "skip":
+            log.info(
+                "step %d: %s (the snapshot asked for this step stands)", verdict.eval_step, verdict.reason
+            )
+            return None
+        return replace(
+            verdict,
+            tags=tuple(dict.fromkeys((*last.tags, *verdict.tags))),
+            reason=f"{last.reason}; {verdict.reason}",
+            metrics={**last.metrics, **verdict.metrics},
+        )
 
     def _note_bests(self) -> None:
         # One reference swap: the persister thread reads it without a lock.
@@ -338,20 +374,48 @@ class RunDaemon:
             # scanned past its deleted slots on every call, which a long catch-up felt.
             self._evals.popitem(last=False)
 
-    def _publish(self, verdict: Verdict | None) -> None:
-        self._state = self._state.with_(seq=self._state.seq + 1)
-        write_control(
-            self.paths,
-            Control(
-                seq=self._state.seq,
-                run_id=self._state.run_id,
-                staging=str(self.staging),
-                every_steps=self.config.every_steps,
-                verdict=verdict,
-            ),
+    def _publish(self, verdict: Verdict | None, written: float | None = None) -> None:
+        """Write control.json; ``written`` keeps a re-published verdict's first write time, so
+        only a trainer that was running then captures it (clients ignore older verdicts)."""
+        seq = self._state.seq + 1
+        control = Control(
+            seq=seq,
+            run_id=self._state.run_id,
+            staging=str(self.staging),
+            every_steps=self.config.every_steps,
+            verdict=verdict,
+            written=time.time() if written is None else written,
         )
+        self._state = self._state.with_(seq=seq)
+        if verdict is not None and verdict.action == "snapshot":
+            self._state = self._state.with_(last_snapshot=SnapshotVerdict(seq, control.written, verdict))
+        write_control(self.paths, control)
         if verdict is not None:
             self._last_verdict = verdict
+
+    def _publish_first(self) -> None:
+        """A fresh control.json at start: no verdict (an old one would make a new trainer capture
+        the wrong step), unless the last snapshot verdict was never answered by an ack: a daemon
+        killed between the verdict and the capture must not lose that best."""
+        last = self._state.last_snapshot
+        if last is None or self._answered(str(last.seq)):
+            self._publish(verdict=None)
+            return
+        log.warning("step %d: its snapshot verdict had no capture yet; asking again", last.verdict.eval_step)
+        self._publish(last.verdict, written=last.written)
+
+    def _answered(self, ack_name: str) -> bool:
+        acks = self.paths.acks
+        if (acks / f"{ack_name}.json").exists() or (acks / f"{ack_name}.json.rejected").exists():
+            return True
+        return any(self._stamp_of(record.name) == ack_name for record in self.store.list())
+
+    def _stamp_of(self, name: str) -> object:
+        try:
+            stamp = self.store.manifest(name).get("ack")
+        except (OSError, ValueError):
+            return None
+        return stamp.get("name") if isinstance(stamp, dict) else None
 
     # -- persist ------------------------------------------------------------------------------
 
@@ -367,11 +431,21 @@ class RunDaemon:
             except FileNotFoundError:
                 continue
             except ProtocolError as exc:
+                if _young(path):  # written in place by hand or an old client: maybe not whole yet
+                    self._retry_at[path.name] = now + _SLOT_RETRY_S
+                    continue
                 self._reject(path, str(exc))
                 continue
-            metrics = self._evals.get(ack.eval_step, {})
+            metrics = self._metrics_at(ack.eval_step)
             self._queued.add(path.name)
             self._persister.submit(Job(path, ack, metrics))
+
+    def _metrics_at(self, step: int) -> dict[str, float]:
+        """What the daemon knows of the eval at ``step``, for an ack that carries no metrics (a
+        periodic capture at an eval step): recent evals, else the bests the state keeps, so a
+        best captured periodically is still ranked after a restart."""
+        known = {m: best.value for m, best in self._state.bests.items() if best.step == step}
+        return {**known, **self._evals.get(step, {})}
 
     def _reject(self, path: Path, problem: str) -> None:
         """A bad ack is set aside so it never holds a slot or stops the loop."""
@@ -398,6 +472,8 @@ class RunDaemon:
             )
             return
         self._retry_at.pop(name, None)
+        if self._last_error and self._last_error.startswith("persisting"):
+            self._last_error = None  # the persist that failed has gone through now
         assert outcome.record is not None
         self._persisted += 1
         self._last_persist_s = outcome.seconds
@@ -421,10 +497,14 @@ class RunDaemon:
 
     def _remove_idle_slots(self) -> None:
         """Slots no pending ack holds would otherwise pin shared memory after we are gone."""
+        if self.staging.is_symlink():
+            # Never through a link: it could point anywhere (it deleted a user's folder once).
+            self._error(f"{self.staging} is a symbolic link; left alone, nothing removed through it")
+            return
         busy = busy_slots(self.paths)
         try:
             entries = list(self.staging.iterdir())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return
         for entry in entries:
             if entry.name not in busy and entry.is_dir() and not entry.is_symlink():
@@ -497,9 +577,19 @@ class RunDaemon:
     def _holder(self) -> str:
         try:
             status = json.loads(self.paths.status.read_bytes())
-            return f"pid {status.get('pid')} on {status.get('host')}"
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return "holder unknown"
+        if not isinstance(status, dict):
+            return "holder unknown"
+        return f"pid {status.get('pid')} on {status.get('host')}"
+
+
+def _young(path: Path) -> bool:
+    """Modified within the last few seconds: a file some writer may still be filling."""
+    try:
+        return time.time() - path.stat().st_mtime < _YOUNG_S
+    except FileNotFoundError:
+        return False
 
 
 def _bests_still_meant(state: DaemonState, criteria: tuple[str, ...]) -> dict[str, Best]:

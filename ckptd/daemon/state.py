@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.fields import Fields
-from ckptd.protocol import atomic_write_json
-from ckptd.records import Best
+from ckptd.protocol import atomic_write_json, verdict_from_fields, verdict_to_json
+from ckptd.records import Best, Verdict
 
 log = logging.getLogger("ckptd.daemon")
 STATE_FORMAT = 1
@@ -38,6 +38,12 @@ class DaemonState:
     # daemon must not share the original's run id (and so its staging slots).
     run_dir: str = ""
     run_dir_inode: int = 0
+    # The last snapshot verdict (seq, write time, verdict): a daemon restarted before the
+    # trainer captured it publishes it again, else that best would never be captured.
+    last_snapshot: SnapshotVerdict | None = None
+    # True once a first catch-up read the log's history to its end: after that, every line
+    # past the cursor is news, even one logged while the daemon was down.
+    caught_up: bool = False
 
     @classmethod
     def fresh(cls, store: Path, criteria: tuple[str, ...]) -> DaemonState:
@@ -58,6 +64,8 @@ class DaemonState:
             "cursor": self.cursor,
             "run_dir": self.run_dir,
             "run_dir_inode": self.run_dir_inode,
+            "last_snapshot": None if self.last_snapshot is None else self.last_snapshot.to_json(),
+            "caught_up": self.caught_up,
         }
 
     @classmethod
@@ -77,7 +85,26 @@ class DaemonState:
             cursor=dict(cursor) or None,
             run_dir=fields.text("run_dir", ""),
             run_dir_inode=fields.count("run_dir_inode", 0),
+            last_snapshot=SnapshotVerdict.from_json(fields) if fields.has("last_snapshot") else None,
+            caught_up=fields.flag("caught_up"),
         )
+
+
+@dataclass(frozen=True)
+class SnapshotVerdict:
+    """A snapshot verdict as published: its control seq and write time, and the verdict."""
+
+    seq: int
+    written: float
+    verdict: Verdict
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "written": self.written, **verdict_to_json(self.verdict)}
+
+    @classmethod
+    def from_json(cls, state: Fields) -> SnapshotVerdict:
+        fields = Fields(state.path, state.mapping("last_snapshot"))
+        return cls(fields.count("seq"), fields.number("written"), verdict_from_fields(fields))
 
 
 def new_run_id() -> str:

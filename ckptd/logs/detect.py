@@ -31,6 +31,7 @@ log = logging.getLogger("ckptd.logs")
 
 FORMATS = ("auto", "jsonl", "hf-stdout", "hf-state", "lightning-csv", "tensorboard", "regex")
 _TB_PREFIX = "events.out.tfevents."
+_FILE_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".json", ".log", ".txt")
 _SNIFF_BYTES = 64 << 10
 _SNIFF_LINES = 20  # complete lines looked at
 _WHOLE_FILE_FORMATS = frozenset({"hf-state", "tensorboard"})  # not read by lines: no byte boundary
@@ -114,6 +115,8 @@ def _format_by_name(path: Path) -> str | None:
     if path.is_dir():
         if is_lightning_dir(path):
             return "lightning-csv" if any(path.glob("version_*/metrics.csv")) else None
+        if path.suffix in _FILE_SUFFIXES:
+            return None  # logging.jsonl/ briefly a folder: a file is coming, not TensorBoard
         return "tensorboard"
     if name.startswith(_TB_PREFIX):
         return "tensorboard"

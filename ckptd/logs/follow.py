@@ -157,6 +157,7 @@ class LogFollower:
         self._rotated: list[_Rotated] = []
         self._grew_since_rotation = True
         self.stalled_note: str | None = None  # set while a rotated file grows and the new one does not
+        self.special_note: str | None = None  # set while a FIFO, socket or device is at the path
         self.rewinds = 0
         self.skipped_long_lines = 0
         self.at_end = True  # False when the last read_blocks stopped before the end of the file
@@ -284,15 +285,28 @@ class LogFollower:
             return None
         if stat.S_ISDIR(st.st_mode):
             return None
+        if not stat.S_ISREG(st.st_mode):
+            # A FIFO would block the daemon in open() for good, a device never ends: only
+            # regular files are logs. Said once; the path is watched in case a file replaces it.
+            self._refuse_special(st.st_mode)
+            return None
+        self.special_note = None
         return (st.st_dev, st.st_ino)
+
+    def _refuse_special(self, mode: int) -> None:
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        if self.special_note is None:
+            self.special_note = f"{self.path} is {kind}, not a regular file: ckptd follows files only"
+            logger.warning("%s", self.special_note)
 
     def _open(self) -> bool:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO put there since the stat must not block the open.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False  # removed between the stat and the open
         st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):  # replaced by a directory between the stat and the open
+        if not stat.S_ISREG(st.st_mode):  # replaced by a directory or a FIFO since the stat
             os.close(fd)
             return False
         self._fd, self._ident, self._inode, self._seen = fd, (st.st_dev, st.st_ino), st.st_ino, None

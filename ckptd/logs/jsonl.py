@@ -185,7 +185,9 @@ def _decode_object(line: bytes) -> dict[str, object] | None:
 
 
 def _decode_leniently(line: bytes) -> object:
-    text = decode_text(line).strip()
+    # NULs before a line: copytruncate with a writer that does not append leaves a hole
+    # that reads as zeros up to its next write. The line after the hole is intact.
+    text = decode_text(line.lstrip(b"\0")).strip()
     if not text:
         return None
     try:

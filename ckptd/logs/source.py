@@ -193,7 +193,12 @@ class LineSource:
         return self._names.frozen()
 
     def notes(self) -> list[str]:
-        found = [self._follower.stalled_note, getattr(self.format, "note", None), self._unusable_note]
+        found = [
+            self._follower.special_note,
+            self._follower.stalled_note,
+            getattr(self.format, "note", None),
+            self._unusable_note,
+        ]
         return [note for note in found if note]
 
     @property
