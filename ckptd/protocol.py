@@ -235,6 +235,9 @@ class Ack:
     reason: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
     token: str = ""
+    # The safetensors file whose header carries the token: tensors.safetensors, or the
+    # framework's own name (model.safetensors) for a snapshot in a framework's layout.
+    token_file: str = "tensors.safetensors"
     created: float = field(default_factory=time.time)
 
     @staticmethod
@@ -260,6 +263,7 @@ class Ack:
             "reason": self.reason,
             "metrics": metrics_to_json(self.metrics),
             "token": self.token,
+            "token_file": self.token_file,
             "created": self.created,
         }
 
@@ -276,6 +280,9 @@ class Ack:
         token = fields.text("token", "")
         if token and not is_token(token):
             raise fields.error("token", "a plain identifier")
+        token_file = fields.text("token_file", "tensors.safetensors")
+        if token and token_file not in files:
+            raise fields.error("token_file", "one of the ack's files")
         return cls(
             name=name,
             captured_step=fields.count("captured_step"),
@@ -287,6 +294,7 @@ class Ack:
             reason=fields.text("reason", ""),
             metrics=fields.metrics("metrics"),
             token=token,
+            token_file=token_file,
             created=fields.number("created"),
         )
 

@@ -70,7 +70,7 @@ def plan_layout(entries: Sequence[TensorEntry], metadata: Mapping[str, str] | No
     return Layout(prefix, tuple(len(prefix) + r for r in relative), len(prefix) + position)
 
 
-def read_slot_token(slot_dir: Path) -> str | None:
+def read_slot_token(slot_dir: Path, tensors_file: str = TENSORS_FILE) -> str | None:
     """The capture token in the safetensors header of ``slot_dir``'s tensors file, or None.
 
     The writer zeroes the header before it touches the tensor data and writes the header
@@ -80,7 +80,7 @@ def read_slot_token(slot_dir: Path) -> str | None:
     or it carries no token. Reads the 8-byte length and the header only, never the data.
     """
     try:
-        fd = os.open(slot_dir / TENSORS_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(slot_dir / tensors_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)

@@ -164,7 +164,7 @@ class Persister:
                 raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
             if size < nbytes:
                 raise SlotLost(f"{slot / name} holds {size} of the {nbytes} bytes the ack names")
-        if ack.token and read_slot_token(slot) != ack.token:
+        if ack.token and read_slot_token(slot, ack.token_file) != ack.token:
             raise SlotLost(f"slot {slot} holds another capture than ack {ack.name} (token mismatch)")
 
     def _already_committed(self, ack: Ack) -> CheckpointRecord | None:
