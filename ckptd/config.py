@@ -89,7 +89,9 @@ class RunConfig:
             raise ConfigError("the store cannot be the run directory itself; use a subdirectory")
         return cls(
             run_dir=run,
-            log=(run / log if log else RunPaths(run).default_log).resolve(),
+            # abspath, not resolve: a log that is a symlink is followed to where it points *now*,
+            # so repointing it (ln -sfn) switches the daemon to the new file.
+            log=Path(os.path.abspath(run / log if log else RunPaths(run).default_log)),
             store=store_path,
             best=criteria,
             keep_last=keep_last,

@@ -582,3 +582,192 @@ def test_a_folder_named_like_a_log_file_is_no_tensorboard_dir(tmp_path: Path) ->
     log.write_text('{"step": 3, "eval_loss": 0.5}\n')
     assert [e.step for e in source.read_events()] == [3]
     assert source.name == "jsonl"
+
+
+# -- hostile testing, round 2: links pointed elsewhere, writers left on a rotated file, folders
+# renamed, formats that read nothing, a metric written as a boolean -------------------------------
+
+
+class _Watched:
+    """A :class:`LineSource` on ``log`` and a real inotify :class:`ChangeWatcher` waking it."""
+
+    def __init__(self, log: Path) -> None:
+        self.source = LineSource(log, JsonlFormat(watched=["eval_loss"]), rotation_quiet_s=3600)
+        self.woken = threading.Event()
+        self.watcher = ChangeWatcher(log, self.woken.set, poll_interval=60)
+        self.watcher.start()
+        assert self.watcher.mode == "inotify"
+
+    def steps_after_wake(self) -> list[int]:
+        """The steps read once inotify said something changed (never the heartbeat)."""
+        assert self.woken.wait(2), "no inotify wake-up"
+        self.woken.clear()
+        return [e.step for e in self.source.read_events()]
+
+    def close(self) -> None:
+        self.watcher.stop()
+        self.source.close()
+
+
+def _repoint(link: Path, target: str) -> None:
+    """``ln -sfn target link``: a new link renamed over the old one."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def test_hostile_1_log_symlink_pointed_at_another_file_is_followed_at_once(tmp_path: Path) -> None:
+    (tmp_path / "run-1.jsonl").write_bytes(eval_line(1, 1.0))
+    log = tmp_path / "logging.jsonl"
+    log.symlink_to("run-1.jsonl")
+    watched = _Watched(log)
+    try:
+        assert [e.step for e in drain_history(watched.source)] == [1]
+        append(tmp_path / "run-1.jsonl", eval_line(2, 0.9))  # the file the link names
+        assert watched.steps_after_wake() == [2]
+        (tmp_path / "run-2.jsonl").write_bytes(b"")
+        _repoint(log, "run-2.jsonl")
+        assert watched.steps_after_wake() == []
+        append(tmp_path / "run-2.jsonl", eval_line(3, 0.8))
+        assert watched.steps_after_wake() == [3]
+        append(tmp_path / "run-1.jsonl", eval_line(4, 0.7))  # the old file is drained, as rotated
+        assert watched.steps_after_wake() == [4]
+        assert watched.source.cursor()["inode"] == (tmp_path / "run-2.jsonl").stat().st_ino  # type: ignore[index]
+    finally:
+        watched.close()
+
+
+def test_hostile_1_parent_folder_symlink_pointed_elsewhere_is_followed_at_once(tmp_path: Path) -> None:
+    for run in ("run-1", "run-2"):
+        (tmp_path / run).mkdir()
+    (tmp_path / "run-1" / "logging.jsonl").write_bytes(eval_line(1, 1.0))
+    latest = tmp_path / "latest"
+    latest.symlink_to("run-1")
+    watched = _Watched(latest / "logging.jsonl")
+    try:
+        assert [e.step for e in drain_history(watched.source)] == [1]
+        append(tmp_path / "run-1" / "logging.jsonl", eval_line(2, 0.9))
+        assert watched.steps_after_wake() == [2]
+        (tmp_path / "run-2" / "logging.jsonl").write_bytes(b"")
+        _repoint(latest, "run-2")
+        assert watched.steps_after_wake() == []
+        append(tmp_path / "run-2" / "logging.jsonl", eval_line(3, 0.8))
+        assert watched.steps_after_wake() == [3]
+        append(tmp_path / "run-1" / "logging.jsonl", eval_line(4, 0.7))  # drained, in its folder
+        assert watched.steps_after_wake() == [4]
+        (tmp_path / "run-3").mkdir()  # made after the link moved: seen as the log's folder
+        _repoint(latest, "run-3")
+        assert watched.steps_after_wake() == []
+        (tmp_path / "run-3" / "logging.jsonl").write_bytes(eval_line(5, 0.6))
+        assert watched.steps_after_wake() == [5]
+    finally:
+        watched.close()
+
+
+@pytest.mark.parametrize("rotated_to", ["same-folder", "new-file", "other-folder"])
+def test_hostile_2_writer_left_on_the_rotated_file_is_read_at_once_and_told(
+    tmp_path: Path, rotated_to: str
+) -> None:
+    log = tmp_path / "train.log"
+    rotated = tmp_path / "old" / "train.log.1" if rotated_to == "other-folder" else tmp_path / "train.log.1"
+    rotated.parent.mkdir(exist_ok=True)
+    log.write_bytes(b"")
+    watched = _Watched(log)
+    try:
+        with log.open("ab", buffering=0) as writer:  # the trainer's handle: it never reopens
+            writer.write(eval_line(1, 1.0))
+            assert watched.steps_after_wake() == [1]
+            os.rename(log, rotated)
+            if rotated_to != "same-folder":
+                log.write_bytes(b"")  # the rotator made a new, empty file
+            assert watched.steps_after_wake() == []
+            for step in (2, 3):
+                writer.write(eval_line(step, 1.0 / step))
+                assert watched.steps_after_wake() == [step]
+            notes = watched.source.notes()
+            assert len(notes) == 1 and "still grows" in notes[0] and str(rotated) in notes[0], notes
+        append(log, eval_line(4, 0.1))  # the trainer reopened its log by name at last
+        assert watched.steps_after_wake() == [4]
+        assert watched.source.notes() == []
+    finally:
+        watched.close()
+
+
+def test_hostile_3_log_folder_renamed_and_made_again_is_watched_at_once(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "logging.jsonl").write_bytes(eval_line(1, 1.0))
+    watched = _Watched(logs / "logging.jsonl")
+    try:
+        assert [e.step for e in drain_history(watched.source)] == [1]
+        os.rename(logs, tmp_path / "logs.old")
+        logs.mkdir()
+
+        def watching_the_new_folder() -> bool:
+            plan = watched.watcher.plan
+            st = logs.stat()
+            return plan is not None and (str(logs), False, (st.st_dev, st.st_ino)) in plan.watches
+
+        wait_for(watching_the_new_folder, 2, "the watch to move to the new folder")
+        watched.woken.clear()
+        (logs / "logging.jsonl").write_bytes(eval_line(2, 0.5))
+        assert watched.steps_after_wake() == [2]
+        append(logs / "logging.jsonl", eval_line(3, 0.4))
+        assert watched.steps_after_wake() == [3]
+    finally:
+        watched.close()
+
+
+@pytest.mark.parametrize("fmt", ["tensorboard", "hf-state"])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("logging.jsonl", eval_line(1, 1.0) + eval_line(2, 0.5)),
+        ("metrics.csv", b"epoch,step,val_loss\n0,49,0.5\n1,99,0.4\n"),
+        ("trainer_state.json", b'{"global_step": 10, "epoch": 1.0}\n'),
+    ],
+)
+def test_hostile_4_whole_file_format_that_reads_nothing_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str, name: str, content: bytes
+) -> None:
+    if fmt == "tensorboard" and name == "trainer_state.json":
+        content = content * 2  # 12 bytes at least: shorter is a record still being written
+    log = tmp_path / name
+    log.write_bytes(content)
+    source = open_source(log, fmt, watched=["eval_loss"])
+    with caplog.at_level(logging.WARNING, logger="ckptd.logs"):
+        assert drain_history(source) + source.read_events() + source.read_events() == []
+    warnings = [r.getMessage() for r in caplog.records if "Is --format right?" in r.getMessage()]
+    assert len(warnings) == 1 and f"read as {fmt}" in warnings[0] and repr(content[:20])[2:-1] in warnings[0]
+    assert source.notes() == warnings
+
+
+def test_hostile_4_hf_state_says_wrong_format_only_while_plainly_no_state(tmp_path: Path) -> None:
+    state = tmp_path / STATE
+    data = (HF / "checkpoint-100" / STATE).read_bytes()
+    state.write_bytes(data[:300])  # caught half-written: read again when it changes, no advice
+    source = open_source(state, "hf-state")
+    assert drain_history(source) == [] and source.notes() == []
+    write_in_place(state, data)
+    assert max(e.step for e in source.read_events()) == 100
+    assert source.notes() == []
+    write_in_place(state, eval_line(1, 1.0) + eval_line(2, 0.5))  # JSON lines in its place
+    assert source.read_events() == []
+    assert len(source.notes()) == 1 and "Is --format right?" in source.notes()[0]
+    write_in_place(state, (HF / "checkpoint-200" / STATE).read_bytes())
+    assert max(e.step for e in source.read_events()) == 200
+    assert source.notes() == []
+
+
+@pytest.mark.parametrize("value", [b"true", b"false"])
+def test_hostile_5_a_watched_metric_written_as_a_boolean_is_counted(tmp_path: Path, value: bytes) -> None:
+    line = b'{"step": 5, "eval_loss": ' + value + b"}"
+    with pytest.raises(MalformedLine) as caught:
+        JsonlFormat(watched=["eval_loss"]).parse(line)
+    assert caught.value.kind == "bool-metric"
+    assert JsonlFormat().parse(line) == LogEvent(5, {})  # not watched: nothing dropped
+    log = tmp_path / "logging.jsonl"
+    log.write_bytes(line + b"\n" + eval_line(6, 0.5))
+    source = LineSource(log, JsonlFormat(watched=["eval_loss"]))
+    assert [e.step for e in source.read_events()] == [6]
+    assert source.malformed.counts == {"bool-metric": 1}

@@ -124,9 +124,70 @@ class _Rotated:
         self.discarding = discarding
         self.last_growth = now
         self.grew_later = False  # grew after the read that found it rotated
+        self.ident = (0, 0)  # (st_dev, st_ino), as put in DRAINED
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+
+class _DrainedFiles:
+    """Files that followers still read but that no longer bear their log's name: a rotated file
+    read until quiet, or the held file renamed away with nothing at the log's path yet.
+
+    The writer may append to them until it reopens its log, so a :class:`ChangeWatcher` wakes
+    on their changes too (they are named otherwise than its target) and watches their folders
+    when those are not the log's own. Shared by every follower and watcher of the process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files: dict[tuple[int, int], tuple[str, int]] = {}  # identity -> (path, holders)
+        self._listeners: list[Callable[[], None]] = []
+
+    def add(self, ident: tuple[int, int], fd: int) -> None:
+        with self._lock:
+            path, holders = self._files.get(ident, (_fd_path(fd), 0))
+            self._files[ident] = (path, holders + 1)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def discard(self, ident: tuple[int, int]) -> None:
+        with self._lock:
+            path, holders = self._files.pop(ident, ("", 0))
+            if holders > 1:
+                self._files[ident] = (path, holders - 1)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def __bool__(self) -> bool:
+        return bool(self._files)
+
+    def holds(self, path: str) -> bool:
+        """Whether the file now at ``path`` is one of them (a stat: call only when there are some)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) in self._files
+
+    def paths(self) -> list[str]:
+        """Where they were when they became drained (absolute; a deleted one is named so)."""
+        with self._lock:
+            return [path for path, _ in self._files.values() if os.path.isabs(path)]
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+
+DRAINED = _DrainedFiles()
 
 
 class LogFollower:
@@ -156,6 +217,8 @@ class LogFollower:
         self.rotation_quiet_s = rotation_quiet_s
         self._rotated: list[_Rotated] = []
         self._grew_since_rotation = True
+        self._drained: set[tuple[int, int]] = set()  # identities this follower put in DRAINED
+        self._lost_at: int | None = None  # size of the held file when its name was found gone
         self.stalled_note: str | None = None  # set while a rotated file grows and the new one does not
         self.special_note: str | None = None  # set while a FIFO, socket or device is at the path
         self.rewinds = 0
@@ -201,14 +264,18 @@ class LogFollower:
         at_path = self._identity_at_path()
         blocks = self._read_rotated()
         if self._fd is not None and at_path is not None and at_path != self._ident:
-            # Another file took the name (rename-rotation, or deleted and recreated): read
-            # the held one to its end, and keep reading it until it is quiet, since the
-            # writer may append to it until it reopens the log by name.
+            # Another file took the name (rename-rotation, a symlink pointed elsewhere, or
+            # deleted and recreated): read the held one to its end, and keep reading it until
+            # it is quiet, since the writer may append to it until it reopens the log by name.
+            # Watched from before that read, so a line written after it wakes the daemon.
+            self._mark_drained(self._ident)
             blocks += self._read_new(final=False, max_bytes=None)
             self._retire_fd()
         self.at_end = True
         if self._fd is None and (at_path is None or not self._open()):
+            self._update_stalled_note()
             return blocks
+        self._track_name(at_path)
         new = self._read_new(final=False, max_bytes=max_bytes)
         self._grew_since_rotation |= bool(new)
         self._update_stalled_note()
@@ -272,6 +339,10 @@ class LogFollower:
         for rotated in self._rotated:
             os.close(rotated.fd)
         self._rotated.clear()
+        for ident in self._drained:
+            DRAINED.discard(ident)
+        self._drained.clear()
+        self._lost_at = None
         if self._fd is not None:
             self._resume = self.cursor
             self._close_fd()
@@ -428,12 +499,36 @@ class LogFollower:
         self._partial.clear()
         self._discarding = False
 
+    def _track_name(self, at_path: tuple[int, int] | None) -> None:
+        """Notice the held file losing its name with nothing in its place (``mv log log.1``, the
+        writer never reopening): it is still the one read, but watched by its new name."""
+        if at_path == self._ident:
+            if self._lost_at is not None:
+                self._lost_at = None
+                self._unmark_drained(self._ident)
+        elif self._lost_at is None:
+            self._lost_at = os.fstat(self._require_fd()).st_size
+            self._mark_drained(self._ident)
+
+    def _mark_drained(self, ident: tuple[int, int]) -> None:
+        if ident not in self._drained:
+            self._drained.add(ident)
+            DRAINED.add(ident, self._require_fd())
+
+    def _unmark_drained(self, ident: tuple[int, int]) -> None:
+        if ident in self._drained:
+            self._drained.discard(ident)
+            DRAINED.discard(ident)
+
     def _retire_fd(self) -> None:
         """Move the held file aside to be read until quiet; the next read opens the new one."""
         fd = self._require_fd()
-        self._rotated.append(
-            _Rotated(fd, self._read_pos, bytes(self._partial), self._discarding, time.monotonic())
-        )
+        rotated = _Rotated(fd, self._read_pos, bytes(self._partial), self._discarding, time.monotonic())
+        # A file that lost its name and grew since is a writer still on it, new file or not.
+        lost_at, self._lost_at = self._lost_at, None
+        rotated.grew_later = lost_at is not None and rotated.size() > lost_at
+        rotated.ident = self._ident
+        self._rotated.append(rotated)
         self._fd = None
         self._partial.clear()
         self._discarding = False
@@ -451,6 +546,8 @@ class LogFollower:
                     blocks.append(bytes(rotated.partial))  # its unterminated last line
                 os.close(rotated.fd)
                 self._rotated.remove(rotated)
+                if not any(r.ident == rotated.ident for r in self._rotated):
+                    self._unmark_drained(rotated.ident)
         return blocks
 
     def _drain(self, rotated: _Rotated, blocks: list[bytes]) -> bool:
@@ -478,14 +575,23 @@ class LogFollower:
 
     def _update_stalled_note(self) -> None:
         growing = [r for r in self._rotated if r.grew_later]
-        if not growing or self._grew_since_rotation:
+        fd, lost_at = self._fd, self._lost_at
+        if fd is not None and lost_at is not None and os.fstat(fd).st_size > lost_at:
+            # Renamed away, nothing at the path: the file still read is the rotated one.
+            note = (
+                f"{self.path} is gone while the file it named, now {_fd_path(fd)}, still grows: the "
+                "trainer writes to its old file (have it reopen its log after rotation, or use "
+                "copytruncate)"
+            )
+        elif growing and not self._grew_since_rotation:
+            note = (
+                f"{self.path} stopped growing while the rotated file {_fd_path(growing[0].fd)} still "
+                "grows: the trainer writes to its old file (have it reopen its log after rotation, "
+                "or use copytruncate)"
+            )
+        else:
             self.stalled_note = None
             return
-        old = _fd_path(growing[0].fd)
-        note = (
-            f"{self.path} stopped growing while the rotated file {old} still grows: the trainer "
-            "writes to its old file (have it reopen its log after rotation, or use copytruncate)"
-        )
         if note != self.stalled_note:
             logger.warning("%s", note)
         self.stalled_note = note
@@ -529,27 +635,85 @@ _WAKING_EVENTS: list[type[FileSystemEvent]] = [
     DirMovedEvent,
     DirDeletedEvent,
 ]
+_LINK_LIMIT = 40  # symlinks followed resolving one path, as the kernel does (ELOOP past it)
+
+
+def _links_on_the_way(path: str) -> list[str]:
+    """The symlinks met resolving the absolute ``path``, in order, each named by its real folder
+    (so a watch on that folder sees it replaced): the log's own name, a folder on the way
+    (``latest -> run-1``), and the links those point through."""
+    links: list[str] = []
+    pending = [part for part in path.split(os.sep) if part]
+    current = os.sep
+    while pending and len(links) < _LINK_LIMIT:
+        part = pending.pop(0)
+        if part in (".", ".."):
+            current = current if part == "." else os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            pointed = os.readlink(candidate)
+        except OSError:  # not a link, or not there (yet)
+            current = candidate
+            continue
+        links.append(candidate)
+        current = os.sep if os.path.isabs(pointed) else current
+        pending[:0] = [p for p in pointed.split(os.sep) if p]
+    return links
+
+
+def _identity(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a :class:`ChangeWatcher` watches, every path real (no symlink in it): inotify on a
+    symlinked folder would watch the link, not the folder it points to."""
+
+    target: str  # the target, every link on the way resolved
+    recursive: bool  # the target is a folder, watched with all below it
+    main: str  # the folder whose events name the target: it, its folder, or the nearest ancestor
+    watches: frozenset[tuple[str, bool, tuple[int, int]]]  # (folder, recursive, its identity)
+    # Paths whose creation, removal or move changes the plan: the target, the folder watched for
+    # it (seen from its parent: renamed and made again, it is another folder), the links met.
+    structure: frozenset[str]
+
+    @property
+    def waiting(self) -> bool:
+        """True while an ancestor is watched for the target's folder to appear."""
+        return self.main not in (self.target, os.path.dirname(self.target))
+
+    def on_the_way(self, path: str) -> bool:
+        return any(key == path or key.startswith(path + os.sep) for key in self.structure)
 
 
 class _WakeOnPath(FileSystemEventHandler):
     """Turns watchdog events into wake-ups for one target path, and re-plans the watch when a
-    folder on the way to the target (or the target folder itself) appears or goes."""
+    folder or link on the way to the target (or the target itself) appears, goes or moves."""
 
     def __init__(self, watcher: ChangeWatcher) -> None:
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        target = self._watcher.target
-        paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path)} - {""}
-        if event.is_directory:
-            # A folder on the way to the target, or the target folder, came or went.
-            if any(target == p or target.startswith(p + os.sep) for p in paths):
-                self._watcher.replan()
+        plan = self._watcher.plan
+        if plan is None:
             return
-        if self._watcher.recursive:
-            inside = any(p.startswith(target + os.sep) for p in paths)
+        paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path)} - {""}
+        if not isinstance(event, FileModifiedEvent) and any(plan.on_the_way(p) for p in paths):
+            self._watcher.replan()
+            return
+        if plan.recursive:
+            inside = any(p.startswith(plan.target + os.sep) for p in paths)
         else:
-            inside = target in paths
+            inside = plan.target in paths or (
+                # A file a follower still drains under another name (the trainer writes to it).
+                isinstance(event, FileModifiedEvent) and bool(DRAINED) and any(map(DRAINED.holds, paths))
+            )
         if inside:
             _call_wake(self._watcher.wake)
 
@@ -581,7 +745,11 @@ class ChangeWatcher:
     moved or deleted in it or in a folder below it wakes (polling sees only the directory's own
     entries change; the daemon's heartbeat reads the rest). A path whose folder does not exist
     yet is waited for with inotify on its nearest existing ancestor, moving down as folders
-    appear (and up again if they go), so a late ``runs/`` is seen at once.
+    appear (and up again if they go), so a late ``runs/`` is seen at once. The folder watched is
+    also watched from its parent, so one renamed (or deleted) and made again is watched at once.
+    Symlinks on the way (the log a link, ``latest -> run-1`` above it) are resolved and the
+    folder of each is watched: pointed elsewhere, the watch moves to the new target. A file a
+    :class:`LogFollower` still drains under another name (see :data:`DRAINED`) wakes too.
     Uses inotify (through watchdog); with ``poll=True``, or when inotify cannot start
     (instance or watch limits, no inotify on this system), polls the path's (inode, size, mtime) every
     ``poll_interval`` seconds instead (a directory's mtime moves when an entry changes).
@@ -607,16 +775,19 @@ class ChangeWatcher:
         self._observer: BaseObserver | None = None
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._watch: ObservedWatch | None = None
-        self._watched: tuple[str, bool] | None = None  # (folder, recursive) watched now
+        self._handler = _WakeOnPath(self)
+        self._watches: dict[tuple[str, bool, tuple[int, int]], ObservedWatch] = {}
+        self._plan: _Plan | None = None  # what is watched now
         self._plan_lock = threading.Lock()
+        self._replan_wanted = False
+        self._on_drained = lambda: self.replan(wake=False)
 
     @property
     def mode(self) -> str:
         """``"inotify"`` or ``"polling"`` (what :meth:`start` fell back to, once started); with
         inotify waiting on an ancestor, ``"inotify (waiting for <path> to appear)"``."""
-        watched = self._watched
-        if self._mode == "inotify" and watched is not None and not self._at_target(watched[0]):
+        plan = self._plan
+        if self._mode == "inotify" and plan is not None and plan.waiting:
             return f"inotify (waiting for {self.path} to appear)"
         return self._mode
 
@@ -625,10 +796,14 @@ class ChangeWatcher:
         return self._target
 
     @property
+    def plan(self) -> _Plan | None:
+        return self._plan
+
+    @property
     def recursive(self) -> bool:
         """True while the target is a folder watched with all below it."""
-        watched = self._watched
-        return watched is not None and watched[1]
+        plan = self._plan
+        return plan is not None and plan.recursive
 
     def wake(self) -> None:
         self._wake()
@@ -640,13 +815,16 @@ class ChangeWatcher:
         if self._mode == "inotify":
             try:
                 self._observer = self._start_inotify()
+                if not self._children:
+                    DRAINED.subscribe(self._on_drained)
+                    self.replan(wake=False)  # a file drained already
                 return
             except (OSError, UnsupportedLibcError) as exc:
                 logger.warning("%s: inotify unavailable (%s); polling instead", self.path, exc)
                 self._mode = "polling"
         self._poller = threading.Thread(
             target=self._poll_loop,
-            args=(_signature(self._target),),
+            args=(self._poll_signature(),),
             name=f"ckptd-poll-{self.path.name}",
             daemon=True,
         )
@@ -655,6 +833,7 @@ class ChangeWatcher:
     def stop(self) -> None:
         """Stop and join the background thread; safe to call more than once."""
         self._stopping.set()
+        DRAINED.unsubscribe(self._on_drained)
         observer, self._observer = self._observer, None
         if observer is not None:
             # An emitter whose folder vanished (or that was stopped) may raise on the way out:
@@ -668,49 +847,92 @@ class ChangeWatcher:
         if poller is not None:
             poller.join()
 
-    def replan(self) -> None:
+    def replan(self, *, wake: bool = True) -> None:
         """Watch where the target can be seen from now (it, its folder, or the nearest ancestor
-        that exists), then wake: what appeared before the new watch was placed is read too."""
-        with self._plan_lock:
-            observer = self._observer
-            # Again until the plan holds still: a folder created (mkdir -p) between planning
-            # and placing the watch sends no event to the new watch, so look once more after.
-            for _ in range(_REPLAN_ROUNDS):
-                plan = self._plan()
-                if observer is None or self._stopping.is_set() or plan == self._watched:
-                    break
-                try:
-                    self._schedule(observer, plan)
-                except OSError as exc:  # the folder went again between the check and the watch
-                    logger.debug("%s: cannot watch %s yet (%s)", self.path, plan[0], exc)
-        _call_wake(self._wake)
+        that exists; through the links on the way), then wake: what appeared before the new watch
+        was placed is read too.
 
-    def _plan(self) -> tuple[str, bool]:
-        """(folder to watch, recursive): the target folder itself, else the nearest existing
-        folder on the way to the target."""
-        if os.path.isdir(self._target):
-            return self._target, True
-        folder = os.path.dirname(self._target)
-        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-            folder = os.path.dirname(folder)
-        return folder, False
-
-    def _at_target(self, folder: str) -> bool:
-        return folder in (self._target, os.path.dirname(self._target))
-
-    def _schedule(self, observer: BaseObserver, plan: tuple[str, bool]) -> None:
-        old = self._watch
-        self._watch = observer.schedule(
-            _WakeOnPath(self), plan[0], recursive=plan[1], event_filter=_WAKING_EVENTS
-        )
-        self._watched = plan
-        if old is not None and old != self._watch:
+        Called from watchdog's thread (which holds the observer's lock) and from a follower's
+        (through :data:`DRAINED`): a caller that finds another planning leaves the work to it
+        rather than wait for it, so neither waits on the other's lock.
+        """
+        self._replan_wanted = True
+        while self._replan_wanted and self._plan_lock.acquire(blocking=False):
             try:
-                observer.unschedule(old)
-            except (KeyError, OSError) as exc:  # its folder was deleted: the watch is gone already
-                logger.debug("%s: unwatching %s: %r", self.path, old.path, exc)
-        if not self._at_target(plan[0]):
-            logger.info("%s: waiting for it to appear (watching %s)", self.path, plan[0])
+                while self._replan_wanted:
+                    self._replan_wanted = False
+                    self._replan_now()
+            finally:
+                self._plan_lock.release()
+        if wake:
+            _call_wake(self._wake)
+
+    def _replan_now(self) -> None:
+        observer = self._observer
+        # Again until the plan holds still: a folder created (mkdir -p) between planning
+        # and placing the watch sends no event to the new watch, so look once more after.
+        for _ in range(_REPLAN_ROUNDS):
+            plan = self._make_plan()
+            if observer is None or self._stopping.is_set() or plan == self._plan:
+                break
+            try:
+                self._schedule(observer, plan)
+            except OSError as exc:  # a folder went again between the check and the watch
+                logger.debug("%s: cannot watch %s yet (%s)", self.path, plan.main, exc)
+
+    def _make_plan(self) -> _Plan:
+        """The target folder itself (recursive), else its folder or the nearest existing one on
+        the way; the parent of that; the folder of every link met; the folders of drained files."""
+        links = _links_on_the_way(self._target)
+        target = os.path.realpath(self._target)
+        recursive = os.path.isdir(target)
+        main = target if recursive else os.path.dirname(target)
+        while not os.path.isdir(main) and os.path.dirname(main) != main:
+            main = os.path.dirname(main)
+        folders = {main: recursive}
+        folders.setdefault(os.path.dirname(main), False)
+        for link in links:
+            folders.setdefault(os.path.dirname(link), False)
+        if not self._children and DRAINED:
+            for drained in DRAINED.paths():
+                folders.setdefault(os.path.dirname(drained), False)
+        watches = frozenset((folder, deep, _identity(folder)) for folder, deep in folders.items())
+        return _Plan(target, recursive, main, watches, frozenset({target, main, *links}))
+
+    def _schedule(self, observer: BaseObserver, plan: _Plan) -> None:
+        current = self._watches
+        stale = [key for key in current if key not in plan.watches]
+        wanted = [key for key in plan.watches if key not in current]
+        # A folder at the same path but another one now (renamed and made again): watchdog
+        # keeps one watch per path, so the old one goes first.
+        for key in stale:
+            if any(key[:2] == new[:2] for new in wanted):
+                self._unschedule(observer, current.pop(key))
+        for key in sorted(wanted):
+            if key[2] == (0, 0) and key[0] != plan.main:
+                continue  # gone since it was planned (a drained file's folder): nothing to see there
+            try:
+                current[key] = observer.schedule(
+                    self._handler, key[0], recursive=key[1], event_filter=_WAKING_EVENTS
+                )
+            except OSError as exc:
+                if key[0] == plan.main:
+                    raise
+                # The folder above, a link's or a drained file's: a help, not a need (a folder
+                # we may not read, the watch limit). Without it the heartbeat still reads.
+                logger.debug("%s: cannot watch %s (%s)", self.path, key[0], exc)
+        for key in stale:
+            if key in current:
+                self._unschedule(observer, current.pop(key))
+        was, self._plan = self._plan, plan
+        if plan.waiting and (was is None or was.main != plan.main):
+            logger.info("%s: waiting for it to appear (watching %s)", self.path, plan.main)
+
+    def _unschedule(self, observer: BaseObserver, watch: ObservedWatch) -> None:
+        try:
+            observer.unschedule(watch)
+        except (KeyError, OSError) as exc:  # its folder was deleted: the watch is gone already
+            logger.debug("%s: unwatching %s: %r", self.path, watch.path, exc)
 
     def _start_inotify(self) -> BaseObserver:
         # Imported here: without inotify in libc the import itself raises
@@ -719,16 +941,25 @@ class ChangeWatcher:
 
         observer = InotifyObserver()  # opens an inotify instance: OSError at the limit
         try:
-            self._schedule(observer, self._plan())
+            # Started first, so each watch is placed (or refused) on its own as it is scheduled.
             observer.start()
+            self._schedule(observer, self._make_plan())
         except OSError:
             observer.stop()  # releases the inotify instance it opened
+            if observer.is_alive():
+                observer.join()
+            self._watches.clear()
+            self._plan = None
             raise
         return observer
 
-    def _poll_loop(self, last: tuple[int, int, int, int] | None) -> None:
+    def _poll_signature(self) -> tuple[object, ...]:
+        drained = DRAINED.paths() if not self._children and DRAINED else []
+        return (_signature(self._target), *map(_signature, drained))
+
+    def _poll_loop(self, last: tuple[object, ...]) -> None:
         while not self._stopping.wait(self._poll_interval):
-            current = _signature(self._target)
+            current = self._poll_signature()
             if current != last:
                 last = current
                 _call_wake(self._wake)

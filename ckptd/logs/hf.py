@@ -215,6 +215,8 @@ class HfStateSource:
         self._last_step = _resume_step(cursor)  # the highest step returned; None before any
         self._seen: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) last read
         self._unreadable = False  # the last version read was no JSON: counted once until one is
+        self._format_note: str | None = None  # set while the file read is plainly no trainer state
+        self._format_warned = False
         self._names = NameSample()
         # The history: what the file held when the source opened (small: read now).
         self._history: bytes | None = _read_file(self._state_file()) if history else None
@@ -247,8 +249,11 @@ class HfStateSource:
             if not self._unreadable:
                 self.malformed.record(exc, data[:_PREVIEW_BYTES])
             self._unreadable = True
+            if _no_state(data):
+                self._warn_format(data)
             return []
         self._unreadable = False
+        self._format_note = None
         return self._newer(history)
 
     def _newer(self, history: list[LogEvent]) -> list[LogEvent]:
@@ -274,10 +279,21 @@ class HfStateSource:
         return self._names.frozen()
 
     def notes(self) -> list[str]:
-        return []
+        return [self._format_note] if self._format_note else []
 
     def close(self) -> None:
         """Nothing to release: the file is opened only while it is read."""
+
+    def _warn_format(self, data: bytes) -> None:
+        """Say (once in the log, in the notes while it lasts) that the file is no trainer state."""
+        self._format_note = (
+            f"{self.watch_path}: read as {self.name}, it gave nothing: {self._state_file().name} is no "
+            f"trainer_state.json (a JSON object with a log_history list); it starts {data[:80]!r}. "
+            "Is --format right?"
+        )
+        if not self._format_warned:
+            self._format_warned = True
+            logger.warning("%s", self._format_note)
 
     def _state_file(self) -> Path:
         """The file to read: ``path``, or in a directory its newest checkpoint's state."""
@@ -319,6 +335,21 @@ def _resume_step(cursor: Mapping[str, Any] | None) -> int | None:
     if not cursor or cursor.get("kind") != HfStateSource.name:
         return None
     return as_step(cursor.get("step"))
+
+
+def _no_state(data: bytes) -> bool:
+    """True when ``data`` cannot be a ``trainer_state.json`` caught half-written (which is read
+    again when it changes): it does not start as a JSON object, or it holds one JSON value and
+    more after it (JSON lines), or it is whole JSON without a ``log_history`` list."""
+    if not data.lstrip().startswith(b"{"):
+        return True
+    try:
+        json.loads(data)
+    except json.JSONDecodeError as exc:
+        return exc.msg == "Extra data"
+    except (ValueError, RecursionError):
+        return False
+    return True  # whole JSON, yet refused by _log_history
 
 
 def _log_history(data: bytes) -> list[LogEvent]:

@@ -126,9 +126,13 @@ class JsonlFormat:
             return None
         metrics = _metrics(obj, found[0])
         if self._watched and not any(metric in metrics for metric in self._watched):
-            strings = [m for m in self._watched if isinstance(obj.get(m), str)]
-            if strings:
-                raise MalformedLine("string-metric", f"{strings[0]} is a string, not a number")
+            # A watched metric written as something else than a number is a dropped eval too.
+            for metric in self._watched:
+                value = obj.get(metric)
+                if isinstance(value, str):
+                    raise MalformedLine("string-metric", f"{metric} is a string, not a number")
+                if isinstance(value, bool):
+                    raise MalformedLine("bool-metric", f"{metric} is {json.dumps(value)}, not a number")
         return LogEvent(step, metrics)
 
     def metric_names(self, line: bytes) -> frozenset[str] | None:

@@ -33,6 +33,7 @@ are live.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ from ckptd.errors import ConfigError, MalformedLine
 from ckptd.logs.jsonl import LineCounter
 from ckptd.logs.source import NameSample
 from ckptd.records import LogEvent
+
+logger = logging.getLogger("ckptd.logs")
 
 EVENT_FILE_PREFIX = "events.out.tfevents."
 _EVAL_PREFIX = "eval/"
@@ -112,6 +115,7 @@ class TensorBoardSource:
         self.malformed = LineCounter()
         self._files = {name: _EventFile(records=count) for name, count in _resume_counts(cursor).items()}
         self._names = NameSample()
+        self._note: str | None = None  # set when the one file given is plainly no event file
         # The history: the bytes each event file held at open.
         files = self._event_files() if history else []
         self._history = {name: size for name in files if (size := self._size(name))}
@@ -156,7 +160,7 @@ class TensorBoardSource:
         return self._names.frozen()
 
     def notes(self) -> list[str]:
-        return []
+        return [self._note] if self._note else []
 
     def _size(self, name: str) -> int:
         try:
@@ -210,6 +214,25 @@ class TensorBoardSource:
                 state.reader = None
                 problem = f"{name}: {exc.message}; the rest of this file is skipped"
                 self.malformed.record(MalformedLine("tfrecord", problem), b"")
+                if state.position == 0:
+                    self._warn_format(name)
+
+    def _warn_format(self, name: str) -> None:
+        """Say once that the one file given is no event file: not named like one, and its very
+        first record fails the TFRecord check (a JSONL or a CSV given with --format tensorboard)."""
+        if self.watch_children or name.startswith(EVENT_FILE_PREFIX) or self._note is not None:
+            return
+        try:
+            with (self._dir / name).open("rb") as file:
+                head = file.read(80)
+        except OSError:
+            head = b""
+        self._note = (
+            f"{self.watch_path}: read as {self.name}, it gave nothing: it is no TensorBoard event file "
+            f"(not named {EVENT_FILE_PREFIX}*, and its first record fails the TFRecord check); it "
+            f"starts {head!r}. Is --format right?"
+        )
+        logger.warning("%s", self._note)
 
     def _collect(self, record: bytes, state: _EventFile, sink: Metrics) -> None:
         try:
