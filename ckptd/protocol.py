@@ -141,6 +141,24 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class StandingVerdict:
+    """A snapshot verdict no ack has answered yet, with the control seq and time it was first
+    written. It stands in control.json until the trainer captures it, whatever later skips
+    say: a skip for the next eval must not take a best away before the trainer saw it."""
+
+    seq: int
+    written: float
+    verdict: Verdict
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "written": self.written, **verdict_to_json(self.verdict)}
+
+    @classmethod
+    def from_fields(cls, fields: Fields) -> StandingVerdict:
+        return cls(fields.count("seq"), fields.number("written"), verdict_from_fields(fields))
+
+
+@dataclass(frozen=True)
 class Control:
     """What the daemon asks of the trainer: the standing schedule and the latest verdict."""
 
@@ -150,6 +168,7 @@ class Control:
     every_steps: int | None = None
     verdict: Verdict | None = None
     written: float = field(default_factory=time.time)
+    standing: StandingVerdict | None = None
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -159,6 +178,7 @@ class Control:
             "staging": self.staging,
             "every_steps": self.every_steps,
             "written": self.written,
+            "standing": None if self.standing is None else self.standing.to_json(),
         }
         if self.verdict is not None:
             data.update(verdict_to_json(self.verdict))
@@ -168,6 +188,9 @@ class Control:
     def from_json(cls, path: Path, data: Mapping[str, Any]) -> Control:
         fields = Fields(path, data)
         verdict = verdict_from_fields(fields) if fields.has("action") else None
+        standing = None
+        if fields.has("standing"):
+            standing = StandingVerdict.from_fields(Fields(path, fields.mapping("standing")))
         every = fields.optional_count("every_steps")
         if every is not None and every < 1:
             raise ProtocolError(path, f"every_steps must be >= 1, not {every}")
@@ -178,6 +201,7 @@ class Control:
             every_steps=every,
             verdict=verdict,
             written=fields.number("written"),
+            standing=standing,
         )
 
 

@@ -50,7 +50,12 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR1)  # the daemon dumps its threads' stacks
+            time.sleep(1.0)
+            raise AssertionError(f"the daemon did not stop in {timeout} s; output:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""

@@ -340,7 +340,9 @@ def test_issue7_10_a_bogus_huge_step_and_a_resume_do_not_silence_the_daemon(
     assert "resumed" in daemon.log()
 
     again = daemons(run)  # across a restart: nothing re-judged, the next line judged
-    assert verdict(paths) == (850, "snapshot"), "only the unanswered snapshot is asked again"
+    control = read_control(paths.control)
+    assert control.verdict is None, "nothing re-judged"
+    assert control.standing is not None and control.standing.verdict.eval_step == 850, "unanswered: stands"
     append_lines(log, {"step": 900, "eval_loss": 0.2})
     wait_for(lambda: verdict(paths) == (900, "snapshot"), what="judged after a restart")
     assert again.stop() == 0
@@ -551,11 +553,35 @@ def test_two_criteria_on_separate_lines_at_one_step_give_one_capture_with_both(
     wait_for(lambda: set(status(run)["bests"]) == {"eval_loss", "eval_acc"}, what="both judged")
     append_lines(run / "logging.jsonl", {"step": 20, "eval_loss": 0.4}, {"step": 20, "eval_acc": 0.1})
     wait_for(lambda: status(run)["bests"]["eval_loss"]["step"] == 20, what="step 20 judged")
-    control = read_control(paths.control)
-    assert control.verdict is not None
-    assert (control.verdict.eval_step, control.verdict.action) == (20, "snapshot"), "a skip replaced it"
-    assert control.verdict.tags == ("best:eval_loss",)
+    wait_for(lambda: verdict(paths) == (20, "skip"), what="the eval_acc line's skip")
+    standing = read_control(paths.control).standing
+    assert standing is not None, "the skip took the best of step 20 away"
+    assert (standing.verdict.eval_step, standing.verdict.tags) == (20, ("best:eval_loss",))
     assert daemon.stop() == 0
+
+
+def test_a_best_stands_through_a_later_skip_until_the_trainer_captures_it(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    import torch
+
+    from ckptd import CheckpointClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = RunPaths(run)
+    daemon = daemons(run)
+    with CheckpointClient(run) as client:
+        # Two evals land before the trainer looks (a burst, or a restart judging a backlog).
+        append_lines(run / "logging.jsonl", {"step": 300, "eval_loss": 0.1}, {"step": 310, "eval_loss": 0.5})
+        wait_for(lambda: verdict(paths) == (310, "skip"), what="both judged")
+        assert client.maybe_snapshot(311, lambda: {"w": torch.full((2,), 311.0)})
+        wait_for(lambda: not pending_ack_paths(paths), what="the persist")
+    assert daemon.stop() == 0
+    (record,) = Store(run / "checkpoints").list()
+    assert (record.requested_step, record.step, record.tags) == (300, 311, ("best:eval_loss",))
+    shown = ckptd("best", str(run))
+    assert shown.returncode == 0 and "captured after the eval at step 300" in shown.stderr
 
 
 def test_two_criteria_snapshots_at_one_step_are_joined(tmp_path: Path, daemons, shm_root: Path) -> None:
@@ -583,5 +609,33 @@ def test_a_line_equal_to_an_earlier_one_is_judged_again(tmp_path: Path, daemons,
     seq = read_control(paths.control).seq
     append_lines(run / "logging.jsonl", *lines)  # a deterministic resume logs the same values
     wait_for(lambda: read_control(paths.control).seq >= seq + 2, what="both judged again")
-    assert verdict(paths) == (20, "skip")
+    # No trainer captured step 20: logged again, its best is asked for anew.
+    assert verdict(paths) == (20, "snapshot")
     assert daemon.stop() == 0
+
+
+def test_a_resumed_trainer_relogging_an_uncaptured_best_is_asked_for_it(
+    tmp_path: Path, daemons, shm_root: Path
+) -> None:
+    import torch
+
+    from ckptd import CheckpointClient
+
+    run = tmp_path / "run"
+    run.mkdir()
+    paths = RunPaths(run)
+    first = daemons(run)
+    append_lines(run / "logging.jsonl", {"step": 100, "eval_loss": 0.2})
+    wait_for(lambda: verdict(paths) == (100, "snapshot"), what="the verdict")
+    first.proc.send_signal(signal.SIGKILL)  # trainer A died before capturing; the daemon too
+    first.proc.wait()
+    with CheckpointClient(run) as client:  # trainer B, resumed from step 0, deterministic
+        second = daemons(run)
+        append_lines(run / "logging.jsonl", {"step": 100, "eval_loss": 0.2})
+        asked = client.wait_verdict(100)
+        assert asked is not None and asked.action == "snapshot", asked
+        assert client.maybe_snapshot(100, lambda: {"w": torch.ones(2)})
+        wait_for(lambda: not pending_ack_paths(paths), what="the persist")
+    assert second.stop() == 0
+    (record,) = Store(run / "checkpoints").list()
+    assert (record.step, record.tags) == (100, ("best:eval_loss",))

@@ -161,9 +161,11 @@ def test_restart_remembers_the_best_and_never_reissues_verdicts(
     second = daemons(run)
     control = read_control(paths.control)
     assert control.seq > asked.seq, "seq must only grow across restarts"
-    # No trainer captured step 100, so it is asked again, but with its first write time: a
-    # trainer started after it ignores it (a new trainer must never capture a stale verdict).
-    assert control.verdict == asked.verdict and control.written == asked.written
+    assert control.verdict is None, "a restart must not re-issue the last verdict"
+    # No trainer captured step 100, so it still stands, with its first write time: a trainer
+    # started after it ignores it (a new trainer must never capture a stale verdict).
+    assert control.standing is not None and asked.standing is not None
+    assert control.standing.verdict == asked.verdict and control.standing.written == asked.standing.written
     append_lines(log, {"step": 150, "eval_loss": 0.7})
     wait_for(lambda: _verdict(paths) == (150, "skip"), what="verdict for step 150")
     append_lines(log, {"step": 200, "eval_loss": 0.4})

@@ -30,7 +30,6 @@ from ckptd.config import RunConfig
 from ckptd.daemon.persister import Job, Outcome, Persister
 from ckptd.daemon.state import (
     DaemonState,
-    SnapshotVerdict,
     bests_to_json,
     load_state,
     new_run_id,
@@ -43,6 +42,7 @@ from ckptd.protocol import (
     PROTOCOL_VERSION,
     Control,
     RunPaths,
+    StandingVerdict,
     atomic_write_json,
     pending_ack_paths,
     read_ack,
@@ -337,24 +337,23 @@ class RunDaemon:
         if not live:
             return False
         verdict = self._with_standing(judgement.verdict)
-        if verdict is None:
-            return False
         self._publish(verdict)
         log.info("step %d: %s (%s)", event.step, verdict.action, verdict.reason)
         return True
 
-    def _with_standing(self, verdict: Verdict) -> Verdict | None:
-        """A second line at the step of a standing snapshot verdict (HF logs each eval dataset
-        on its own line) must not replace it: a skip leaves it standing (None: publish nothing),
-        a snapshot joins it, so one capture carries every criterion it is best on."""
-        last = self._last_verdict
-        if last is None or last.action != "snapshot" or last.eval_step != verdict.eval_step:
+    def _with_standing(self, verdict: Verdict) -> Verdict:
+        """A verdict at the step of the standing (uncaptured) snapshot verdict: a second best
+        there (HF logs each eval dataset on its own line) joins it, so one capture carries
+        every criterion it is best on; the same eval logged again (a trainer resumed from an
+        earlier checkpoint re-logs it) asks again, since a new trainer ignores the old ask."""
+        standing = self._state.last_snapshot
+        if standing is None or standing.verdict.eval_step != verdict.eval_step:
             return verdict
+        last = standing.verdict
         if verdict.action == "skip":
-            log.info(
-                "step %d: %s (the snapshot asked for this step stands)", verdict.eval_step, verdict.reason
-            )
-            return None
+            shared = [m for m in last.metrics if m in verdict.metrics]
+            same = bool(shared) and all(verdict.metrics[m] == last.metrics[m] for m in shared)
+            return last if same else verdict
         return replace(
             verdict,
             tags=tuple(dict.fromkeys((*last.tags, *verdict.tags))),
@@ -374,35 +373,39 @@ class RunDaemon:
             # scanned past its deleted slots on every call, which a long catch-up felt.
             self._evals.popitem(last=False)
 
-    def _publish(self, verdict: Verdict | None, written: float | None = None) -> None:
-        """Write control.json; ``written`` keeps a re-published verdict's first write time, so
-        only a trainer that was running then captures it (clients ignore older verdicts)."""
+    def _publish(self, verdict: Verdict | None) -> None:
+        """Write control.json: the latest verdict (it releases a trainer waiting on that step)
+        and the standing snapshot verdict, which stays until an ack answers it."""
         seq = self._state.seq + 1
+        written = time.time()
+        if verdict is not None and verdict.action == "snapshot":
+            self._state = self._state.with_(last_snapshot=StandingVerdict(seq, written, verdict))
+        self._state = self._state.with_(seq=seq)
         control = Control(
             seq=seq,
             run_id=self._state.run_id,
             staging=str(self.staging),
             every_steps=self.config.every_steps,
             verdict=verdict,
-            written=time.time() if written is None else written,
+            written=written,
+            standing=self._state.last_snapshot,
         )
-        self._state = self._state.with_(seq=seq)
-        if verdict is not None and verdict.action == "snapshot":
-            self._state = self._state.with_(last_snapshot=SnapshotVerdict(seq, control.written, verdict))
         write_control(self.paths, control)
         if verdict is not None:
             self._last_verdict = verdict
 
     def _publish_first(self) -> None:
-        """A fresh control.json at start: no verdict (an old one would make a new trainer capture
-        the wrong step), unless the last snapshot verdict was never answered by an ack: a daemon
-        killed between the verdict and the capture must not lose that best."""
-        last = self._state.last_snapshot
-        if last is None or self._answered(str(last.seq)):
-            self._publish(verdict=None)
-            return
-        log.warning("step %d: its snapshot verdict had no capture yet; asking again", last.verdict.eval_step)
-        self._publish(last.verdict, written=last.written)
+        """A fresh control.json at start, with no verdict (an old one would make a new trainer
+        capture the wrong step). A snapshot verdict no ack answered still stands, with its first
+        write time: the trainer that was running then captures it, a newer one ignores it."""
+        standing = self._state.last_snapshot
+        if standing is not None and self._answered(str(standing.seq)):
+            self._state = self._state.with_(last_snapshot=None)
+        elif standing is not None:
+            log.warning(
+                "step %d: its snapshot verdict had no capture yet; it stands", standing.verdict.eval_step
+            )
+        self._publish(verdict=None)
 
     def _answered(self, ack_name: str) -> bool:
         acks = self.paths.acks
@@ -437,6 +440,9 @@ class RunDaemon:
                 self._reject(path, str(exc))
                 continue
             metrics = self._metrics_at(ack.eval_step)
+            standing = self._state.last_snapshot
+            if standing is not None and ack.seq == standing.seq:
+                self._state = self._state.with_(last_snapshot=None)  # answered: it stands no more
             self._queued.add(path.name)
             self._persister.submit(Job(path, ack, metrics))
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.fields import Fields
-from ckptd.protocol import atomic_write_json, verdict_from_fields, verdict_to_json
-from ckptd.records import Best, Verdict
+from ckptd.protocol import StandingVerdict, atomic_write_json
+from ckptd.records import Best
 
 log = logging.getLogger("ckptd.daemon")
 STATE_FORMAT = 1
@@ -40,7 +40,7 @@ class DaemonState:
     run_dir_inode: int = 0
     # The last snapshot verdict (seq, write time, verdict): a daemon restarted before the
     # trainer captured it publishes it again, else that best would never be captured.
-    last_snapshot: SnapshotVerdict | None = None
+    last_snapshot: StandingVerdict | None = None
     # True once a first catch-up read the log's history to its end: after that, every line
     # past the cursor is news, even one logged while the daemon was down.
     caught_up: bool = False
@@ -75,6 +75,8 @@ class DaemonState:
         if fields.data.get("format") != STATE_FORMAT:
             raise fields.error("format", str(STATE_FORMAT))
         cursor = fields.mapping("cursor")
+        if not _json_safe(cursor):  # the state is written back: it must stay valid JSON
+            raise fields.error("cursor", "an object of finite JSON values")
         return cls(
             run_id=fields.token("run_id"),
             store=fields.text("store"),
@@ -85,26 +87,23 @@ class DaemonState:
             cursor=dict(cursor) or None,
             run_dir=fields.text("run_dir", ""),
             run_dir_inode=fields.count("run_dir_inode", 0),
-            last_snapshot=SnapshotVerdict.from_json(fields) if fields.has("last_snapshot") else None,
+            last_snapshot=_standing(fields),
             caught_up=fields.flag("caught_up"),
         )
 
 
-@dataclass(frozen=True)
-class SnapshotVerdict:
-    """A snapshot verdict as published: its control seq and write time, and the verdict."""
+def _standing(state: Fields) -> StandingVerdict | None:
+    if not state.has("last_snapshot"):
+        return None
+    return StandingVerdict.from_fields(Fields(state.path, state.mapping("last_snapshot")))
 
-    seq: int
-    written: float
-    verdict: Verdict
 
-    def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "written": self.written, **verdict_to_json(self.verdict)}
-
-    @classmethod
-    def from_json(cls, state: Fields) -> SnapshotVerdict:
-        fields = Fields(state.path, state.mapping("last_snapshot"))
-        return cls(fields.count("seq"), fields.number("written"), verdict_from_fields(fields))
+def _json_safe(value: object) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
 
 
 def new_run_id() -> str:
