@@ -10,6 +10,8 @@ whose manifest is unreadable or whose files do not match it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
 import json
 import logging
 import signal
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd import __version__
-from ckptd.config import MAX_POLL_INTERVAL_S
+from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
 from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(commands)
+    _add_sidecar(commands)
     _add_ls(commands)
     _add_best(commands)
     _add_status(commands)
@@ -115,6 +118,13 @@ def _add_run(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
+    _add_run_options(run, default_log="logging.jsonl")
+    run.set_defaults(handler=_cmd_run)
+
+
+def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[argparse.Action]:
+    """Every option of ``ckptd run`` (``ckptd sidecar`` takes them too and passes them on)."""
+    before = len(run._actions)
     judged = run.add_argument_group("what is best")
     judged.add_argument("--metric", help="metric to judge (default: eval_loss unless --best is given)")
     judged.add_argument(
@@ -143,7 +153,7 @@ def _add_run(commands: Any) -> None:
         "(default: RUN_DIR/checkpoints)",
     )
     read = run.add_argument_group("what is read")
-    read.add_argument("--log", help="log to follow, relative to RUN_DIR (default: logging.jsonl)")
+    read.add_argument("--log", help=f"log to follow, relative to RUN_DIR (default: {default_log})")
     read.add_argument(
         "--format",
         default="auto",
@@ -165,7 +175,43 @@ def _add_run(commands: Any) -> None:
         help=f"seconds, > 0 and <= {MAX_POLL_INTERVAL_S:g} (0.5)",
     )
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
-    run.set_defaults(handler=_cmd_run)
+    return run._actions[before:]
+
+
+def _add_sidecar(commands: Any) -> None:
+    from ckptd.sidecar import METRICS_LOG
+
+    sidecar = commands.add_parser(
+        "sidecar",
+        help="run a training command with a daemon tied to its life",
+        usage="ckptd sidecar --run-dir DIR [options of ckptd run] [--stop-timeout S] -- CMD [ARG ...]",
+        description="Start `ckptd run DIR` with the same options, wait for its heartbeat, then run "
+        "CMD with CKPTD_RUN_DIR=DIR, CKPTD_HOOK=1 and ckptd's start-up hook first on PYTHONPATH: in "
+        "every Python process of CMD's tree, each transformers Trainer built gets ckptd's callback, "
+        f"which writes DIR/{METRICS_LOG} (the log followed unless --log is given) and captures the "
+        "best step. SIGINT, SIGTERM and SIGHUP are passed on to CMD (a Ctrl-C in the terminal "
+        "reaches CMD directly). When CMD exits the daemon is stopped after persisting what was "
+        "acknowledged, what was kept is shown, and CMD's exit status is returned. `ckptd ls DIR`, "
+        "`best` and `status` work as for `ckptd run`.",
+        epilog=_exit_codes(
+            ok="CMD exited with 0 (otherwise: CMD's status, 128+N if signal N killed it)",
+            usage="bad option value, a store that cannot be written, or no CMD; nothing was started",
+            running="another daemon already follows DIR (stop it first); CMD was not started",
+        )
+        + "\n  126  CMD could not be executed\n  127  CMD was not found",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sidecar.add_argument("--run-dir", required=True, metavar="DIR", help="the trainer's output directory")
+    actions = _add_run_options(sidecar, default_log=METRICS_LOG)
+    sidecar.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds the daemon may take to persist after CMD exits; then it is killed (120)",
+    )
+    sidecar.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+    sidecar.set_defaults(handler=_cmd_sidecar, run_options=actions)
 
 
 def _query(
@@ -276,13 +322,31 @@ def _add_demo(commands: Any) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ckptd.config import RunConfig, preflight_store
     from ckptd.daemon import RunDaemon
+
+    # `kill -USR1 PID` prints every thread's stack to stderr: a daemon that seems stuck can be
+    # looked into without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
     )
+    config = _run_config(args)
+    if not config.run_dir.exists():
+        # Trainers often start after the daemon, so this is no error; but a mistyped path
+        # would wait forever in silence, so say it where the user is looking.
+        log.warning(
+            "%s does not exist yet; created it and waiting for %s to appear", config.run_dir, config.log
+        )
+    daemon = RunDaemon(config)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
+    return daemon.run()
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The options of ``ckptd run`` checked (and the store probed) before anything is created."""
     if args.metric is not None and not args.metric.strip():
         raise ConfigError("--metric needs a metric name, e.g. --metric eval_loss")
     primary = [f"{args.metric}:{args.mode}" if args.mode else args.metric] if args.metric else []
@@ -306,16 +370,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     # A read-only store would otherwise surface only at the first best eval, too late.
     preflight_store(config.store)
-    if not config.run_dir.exists():
-        # Trainers often start after the daemon, so this is no error; but a mistyped path
-        # would wait forever in silence, so say it where the user is looking.
-        log.warning(
-            "%s does not exist yet; created it and waiting for %s to appear", config.run_dir, config.log
+    return config
+
+
+def _cmd_sidecar(args: argparse.Namespace) -> int:
+    from ckptd.sidecar import METRICS_LOG, Sidecar
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("no command to run: ckptd sidecar --run-dir DIR [options] -- CMD [ARG ...]")
+    if not args.stop_timeout > 0:
+        raise ConfigError(f"--stop-timeout must be a number of seconds > 0, not {args.stop_timeout}")
+    if args.log is None:
+        args.log = METRICS_LOG
+    config = _run_config(args)
+    sidecar = Sidecar(
+        config.run_dir,
+        _options_argv(args.run_options, args),
+        command,
+        stop_timeout=args.stop_timeout,
+        summary=lambda: _sidecar_summary(config.run_dir),
+    )
+    return sidecar.run()
+
+
+def _options_argv(actions: list[argparse.Action], args: argparse.Namespace) -> list[str]:
+    """The options as given, back to command-line form (``--flag=value``: a value may start with -)."""
+    argv: list[str] = []
+    for action in actions:
+        if not action.option_strings:
+            continue
+        flag, value = action.option_strings[-1], getattr(args, action.dest)
+        if action.nargs == 0:  # store_true
+            argv += [flag] if value else []
+        elif isinstance(value, list):
+            argv += [f"{flag}={item}" for item in value]
+        elif value is not None and value != action.default:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+def _sidecar_summary(run_dir: Path) -> None:
+    """One screen on stderr (stdout is the command's): what is kept, the best's path, counts."""
+    query = argparse.Namespace(run_dir=str(run_dir), store=None, json=False, metric=None, mode=None)
+    store = _store_for(query)
+    records = store.list()
+    persisted = _saved_status(run_dir).get("persisted")
+    this_run = f"; the daemon persisted {persisted} this time" if isinstance(persisted, int) else ""
+    if not records:
+        print(
+            f"ckptd sidecar: no checkpoint kept in {store.root}{this_run} (did the trainer log an "
+            f"eval to the followed log, and capture? see `ckptd status {run_dir}`)",
+            file=sys.stderr,
         )
-    daemon = RunDaemon(config)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
-    return daemon.run()
+        return
+    print(f"ckptd sidecar: {len(records)} checkpoint(s) kept in {store.root}{this_run}", file=sys.stderr)
+    with contextlib.redirect_stdout(sys.stderr):
+        _cmd_ls(query)
+        print("best: ", end="", flush=True)
+        _cmd_best(query)
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
@@ -372,6 +485,14 @@ def _cmd_best(args: argparse.Namespace) -> int:
         if args.json:
             print("null")  # scripts always get a JSON document, as ls and verify give []
         return EXIT_EMPTY
+    if best.requested_step not in (None, best.step):
+        # The weights are of a later step than the eval that ranks them: say so where scripts
+        # do not read it (a trainer that was past the eval step when it captured).
+        print(
+            f"ckptd: note: {best.name} holds step {best.step}, captured after the eval at step "
+            f"{best.requested_step} that ranks it best",
+            file=sys.stderr,
+        )
     print(json.dumps(_record_json(store, best), indent=1) if args.json else store.path_of(best.name))
     return EXIT_OK
 
@@ -522,6 +643,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _saved_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(RunPaths(run_dir).status.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _saved_state(run_dir: Path) -> dict[str, Any]:

@@ -536,3 +536,20 @@ def test_a_best_capture_waits_for_the_one_slot_a_small_shm_holds(tmp_path: Path,
         assert time.monotonic() - started < 3.0
         freed.join()
     assert read_ack(paths.acks / "2.json").slot == "slot-0"
+
+
+def test_slots_that_are_links_are_never_written_or_emptied_through(paths: RunPaths, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    (victim / "file.bin").write_bytes(b"precious")
+    staging = staging_dir_for(RUN_ID)
+    (staging / "slot-1").mkdir(parents=True)
+    (staging / "slot-0").symlink_to(victim)  # a slot dir that links elsewhere
+    (staging / "slot-1" / TENSORS_FILE).symlink_to(victim / "file.bin")  # a slot file that does
+    ask(paths, 1, every=1)
+    with CheckpointClient(paths.run_dir) as client:
+        assert client.maybe_snapshot(1, model_state) is False
+    assert sorted(p.name for p in victim.iterdir()) == ["file.bin", "keep.txt"]
+    assert (victim / "file.bin").read_bytes() == b"precious"
+    assert "symbolic link" in client_file(paths)["last_skip_reason"]

@@ -1,12 +1,13 @@
 """Trainer side: the only part of ckptd that imports torch.
 
 ``CheckpointClient`` polls the control file and stages snapshots into shared
-memory; ``load_snapshot`` reads a committed checkpoint back.
+memory; ``load_snapshot`` reads a committed checkpoint back. A ``state_fn`` may return
+an ``Export`` to capture in a framework's own layout (``model.safetensors``, ``config.json``).
 """
 
 from __future__ import annotations
 
 from ckptd.client.client import CheckpointClient
-from ckptd.client.snapshot import load_snapshot
+from ckptd.client.snapshot import Export, load_snapshot
 
-__all__ = ["CheckpointClient", "load_snapshot"]
+__all__ = ["CheckpointClient", "Export", "load_snapshot"]

@@ -15,12 +15,15 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ckptd.client.snapshot import Slot, encode_structure, flatten_state, layout_for
+import torch
+
+from ckptd.client.snapshot import Export, Slot, encode_structure, export_layout, export_tensors, flatten_state
 from ckptd.errors import ProtocolError, SnapshotError, UnsupportedLeafError
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -38,6 +41,7 @@ from ckptd.staging import (
     DEFAULT_SLOTS,
     STRUCTURE_FILE,
     TENSORS_FILE,
+    Layout,
     busy_slots,
     slot_name,
     staging_dir_for,
@@ -49,6 +53,33 @@ StateFn = Callable[[], Any]
 # In .ckptd/: the lock one client per run holds (its pid inside), and that client's counters.
 CLIENT_LOCK = "client.lock"
 CLIENT_FILE = "client.json"
+
+
+@dataclass(frozen=True)
+class _Payload:
+    """What one capture writes into a slot: a safetensors file and the small files beside it."""
+
+    tensors: Sequence[tuple[str, torch.Tensor]]
+    files: Mapping[str, bytes]
+    data_file: str  # the safetensors file, which carries the token
+    metadata: Mapping[str, str]
+
+    @classmethod
+    def of(cls, state: Any, step: int) -> _Payload:
+        """A nested state (tensors + structure.json), or an ``Export`` in a framework's layout.
+
+        Raises ``UnsupportedLeafError`` for what cannot be stored."""
+        if isinstance(state, Export):
+            files = {name: bytes(content) for name, content in state.files.items()}
+            return cls(export_tensors(state), files, state.tensors_file, dict(state.metadata))
+        tensors, skeleton = flatten_state(state)
+        files = {STRUCTURE_FILE: encode_structure(skeleton, step)}
+        return cls(tensors, files, TENSORS_FILE, {"format": "ckptd"})
+
+    def layout(self, token: str = "", ack: str = "") -> Layout:
+        extra = {"token": token, "ack": ack} if token else {}
+        return export_layout(self.tensors, {**self.metadata, **extra})
+
 
 # Clients holding the lock, so that a forked child (a DataLoader worker) lets go of it.
 _LOCK_HOLDERS: weakref.WeakSet[CheckpointClient] = weakref.WeakSet()
@@ -151,24 +182,32 @@ class CheckpointClient:
         a capture not taken later (no free slot, shared memory full, a leaf that cannot
         be stored) is logged once per cause and counted in ``.ckptd/client.json``. Only
         one client per run captures: another (a second rank) stays passive, with a warning.
+
+        ``state_fn`` returns a nested state (stored as ``tensors.safetensors`` +
+        ``structure.json``, read back by ``load_snapshot``) or an ``Export``: flat tensors in a
+        safetensors file of its own name plus the framework's small files, so the checkpoint
+        is what the framework's own ``save`` writes (``from_pretrained`` loads it).
         """
         self._refresh_control()
         control = self._control
         if control is None:
             return False
-        verdict = self._due_verdict(control, step)
+        asked = self._due(control, step)
+        verdict = None if asked is None else asked.verdict
         periodic = self._periodic_due(control, step)
-        if verdict is None and not periodic:
+        if asked is None and not periodic:
             return False
         if not daemon_alive(self.paths, self.stale_after):
             self._warn_once("dead", "ckptd daemon heartbeat is stale; snapshots paused")
             return False
         try:
-            return self._serving(control) and self._capture(control, step, verdict, periodic, state_fn)
+            return self._serving(control) and self._capture(
+                asked or control, step, verdict, periodic, state_fn
+            )
         finally:
             # Done either way: a capture that failed is not retried at every later step.
-            if verdict is not None:
-                self._handled = (control.run_id, control.seq)
+            if asked is not None:
+                self._handled = (asked.run_id, asked.seq)
             if periodic:
                 self._last_periodic_step = step
 
@@ -181,6 +220,7 @@ class CheckpointClient:
         the trainer the sizing of the state and returns. False, and nothing done, when no
         daemon is alive yet to say where the slots go, or another client serves the run.
         Raises ``UnsupportedLeafError`` when the state holds a value that cannot be stored.
+        ``state_fn`` may return an ``Export`` (a framework's own layout), as for ``maybe_snapshot``.
         """
         self._refresh_control()
         control = self._control
@@ -190,10 +230,11 @@ class CheckpointClient:
             return False
         self._finish_preparing()
         # A state that cannot be stored fails here, loudly, before the run depends on it.
-        nbytes = layout_for(flatten_state(state_fn())[0]).total
+        payload = _Payload.of(state_fn(), 0)
+        nbytes = payload.layout().total
         slot = self._slot(staging_dir_for(control.run_id), slot_name(0))
         self._preparing = threading.Thread(
-            target=self._prefault, args=(slot, nbytes), name="ckptd-prefault", daemon=True
+            target=self._prefault, args=(slot, nbytes, payload.data_file), name="ckptd-prefault", daemon=True
         )
         self._preparing.start()
         return True
@@ -237,9 +278,11 @@ class CheckpointClient:
         if not self._confined(control):
             self._control = None
             return
-        if control.verdict is not None and control.written < self._started:
-            # A verdict from before this process existed speaks of another trainer's step.
+        # A verdict from before this process existed speaks of another trainer's step.
+        if control.written < self._started:
             self._handled = max(self._handled_in(control), (control.run_id, control.seq))
+        elif control.standing is not None and control.standing.written < self._started:
+            self._handled = max(self._handled_in(control), (control.run_id, control.standing.seq))
         self._control = control
 
     def _confined(self, control: Control) -> bool:
@@ -258,13 +301,19 @@ class CheckpointClient:
         # Seqs count within one daemon run id; another run id starts over.
         return self._handled if self._handled[0] == control.run_id else (control.run_id, -1)
 
-    def _due_verdict(self, control: Control, step: int) -> Verdict | None:
-        verdict = control.verdict
-        if verdict is None or verdict.action != "snapshot":
+    def _due(self, control: Control, step: int) -> Control | None:
+        """The snapshot verdict to capture now, as the control it was written in (its own seq
+        names the ack): the standing one, which later skips do not take away, or, from a
+        daemon that writes none, the latest verdict."""
+        if control.standing is not None:
+            seq, verdict = control.standing.seq, control.standing.verdict
+        elif control.verdict is not None and control.verdict.action == "snapshot":
+            seq, verdict = control.seq, control.verdict
+        else:
             return None
-        if control.seq <= self._handled_in(control)[1] or step < verdict.eval_step:
+        if seq <= self._handled_in(control)[1] or step < verdict.eval_step:
             return None
-        return verdict
+        return replace(control, seq=seq, verdict=verdict)
 
     def _control_version(self) -> tuple[str, int] | None:
         return (self._control.run_id, self._control.seq) if self._control else None
@@ -275,6 +324,9 @@ class CheckpointClient:
         verdict = control.verdict if control else None
         if control is None or verdict is None or control.written < self._started:
             return None
+        asked = self._due(control, step)
+        if asked is not None and asked.verdict is not None and asked.verdict.eval_step == step:
+            return asked.verdict  # a snapshot standing for this step outranks a later line's skip
         if verdict.eval_step == step:
             return verdict
         changed = self._control_version() != before
@@ -286,9 +338,9 @@ class CheckpointClient:
 
     # -- capture ---------------------------------------------------------------------------
 
-    def _prefault(self, slot: Slot, nbytes: int) -> None:
+    def _prefault(self, slot: Slot, nbytes: int, data_file: str) -> None:
         try:
-            slot.ensure_capacity(nbytes)  # the syscalls and page faults run outside the GIL
+            slot.ensure_capacity(nbytes, data_file)  # the syscalls and page faults run outside the GIL
         except (SnapshotError, OSError) as exc:
             log.warning("ckptd: could not prepare a staging slot: %s", exc)
 
@@ -350,13 +402,13 @@ class CheckpointClient:
         self._captures_tried += 1
         state = state_fn()  # the user's code: its errors are the user's to see
         try:
-            tensors, skeleton = flatten_state(state)
+            payload = _Payload.of(state, step)
         except UnsupportedLeafError as exc:
             if first:
                 raise  # fail loudly while the user is watching, not hours into the run
             return self._skip(step, "unsupported", str(exc))
         try:
-            return self._stage(control, step, verdict, periodic, tensors, skeleton)
+            return self._stage(control, step, verdict, periodic, payload)
         except Exception as exc:  # staging trouble must never kill the training run
             return self._skip(step, type(exc).__name__, f"{type(exc).__name__}: {exc}")
 
@@ -366,17 +418,15 @@ class CheckpointClient:
         step: int,
         verdict: Verdict | None,
         periodic: bool,
-        tensors: list[tuple[str, Any]],
-        skeleton: Any,
+        payload: _Payload,
     ) -> bool:
         name = Ack.name_for(control.seq if verdict else None, step)
         # A fresh token per capture, in the slot's header and in the ack: the daemon copies a
         # slot only while it still holds the capture the ack names.
         token = secrets.token_hex(8)
-        layout = layout_for(tensors, {"token": token, "ack": name})
-        structure = encode_structure(skeleton, step)
+        layout = payload.layout(token, name)
         wait = 0.0 if verdict is None else self._slot_wait()
-        slot = self._acquire_slot(staging_dir_for(control.run_id), layout.total, wait)
+        slot = self._acquire_slot(staging_dir_for(control.run_id), layout.total, wait, payload.data_file)
         if slot is None:
             return self._skip(
                 step,
@@ -384,7 +434,7 @@ class CheckpointClient:
                 f"all {self._slot_count} staging slots are held by acks the daemon has not "
                 "committed (store full or unwritable, or their slots gone?)",
             )
-        slot.write(layout, tensors, structure)
+        slot.write_files(layout, payload.tensors, payload.files)
         tags = (*(verdict.tags if verdict else ()), *(("periodic",) if periodic else ()))
         write_ack(
             self.paths,
@@ -392,13 +442,17 @@ class CheckpointClient:
                 name=name,
                 captured_step=step,
                 slot=slot.name,
-                files={TENSORS_FILE: layout.total, STRUCTURE_FILE: len(structure)},
+                files={
+                    payload.data_file: layout.total,
+                    **{file: len(content) for file, content in payload.files.items()},
+                },
                 seq=control.seq if verdict else None,
                 requested_step=verdict.eval_step if verdict else step,
                 tags=tags,
                 reason=verdict.reason if verdict else f"every {control.every_steps} steps",
                 metrics=dict(verdict.metrics) if verdict else {},
                 token=token,
+                token_file=payload.data_file,
             ),
         )
         return True
@@ -406,19 +460,19 @@ class CheckpointClient:
     def _slot_wait(self) -> float:
         return self.rendezvous_timeout if self.slot_timeout is None else self.slot_timeout
 
-    def _acquire_slot(self, staging: Path, nbytes: int, wait: float) -> Slot | None:
+    def _acquire_slot(self, staging: Path, nbytes: int, wait: float, data_file: str) -> Slot | None:
         """A slot no pending ack holds, grown to ``nbytes``; None if none frees up within ``wait`` s."""
         deadline = time.monotonic() + wait
         while True:
             busy = busy_slots(self.paths)
             free = [slot_name(i) for i in range(self._slot_count) if slot_name(i) not in busy]
             # Prefer a slot we hold mapped and large enough: no new page faults, no new memory.
-            free.sort(key=lambda name: (not self._fits(name, nbytes), name not in self._slots))
+            free.sort(key=lambda name: (not self._fits(name, nbytes, data_file), name not in self._slots))
             problem: SnapshotError | None = None
             for name in free:
                 slot = self._slot(staging, name)
                 try:
-                    slot.ensure_capacity(nbytes)
+                    slot.ensure_capacity(nbytes, data_file)
                     return slot
                 except SnapshotError as exc:  # shared memory full: a busy slot, once free, fits
                     problem = exc
@@ -428,9 +482,9 @@ class CheckpointClient:
                 return None
             time.sleep(0.01)
 
-    def _fits(self, name: str, nbytes: int) -> bool:
+    def _fits(self, name: str, nbytes: int, data_file: str) -> bool:
         slot = self._slots.get(name)
-        return slot is not None and slot.capacity >= nbytes
+        return slot is not None and slot.capacity >= nbytes and slot.data_file == data_file
 
     def _skip(self, step: int, kind: str, reason: str) -> bool:
         """A capture not taken: said once per kind of cause, counted in client.json every time."""

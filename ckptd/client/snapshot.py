@@ -11,12 +11,15 @@ structure that went in.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,15 +147,118 @@ def _add_numpy(tensors: list[tuple[str, torch.Tensor]], names: set[str], path: s
     return {kind: _add_tensor(tensors, names, path, tensor), "dtype": array.dtype.str}
 
 
+# What a checkpoint may name a file (``ckptd.protocol``'s rule for ack file names): one plain
+# component. MANIFEST.json is the store's; structure.json belongs to the nested-state layout.
+_PLAIN_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_RESERVED_FILES = frozenset({"MANIFEST.json", STRUCTURE_FILE})
+
+
+@dataclass(frozen=True)
+class Export:
+    """A snapshot in a framework's own layout, returned by a ``state_fn`` instead of a nested state.
+
+    ``tensors`` (flat names, as the framework's loader expects them) go into one safetensors
+    file named ``tensors_file``, whose header ``__metadata__`` is ``metadata`` plus the capture's
+    ``token`` and ``ack``; each of ``files`` is written beside it as it is. No ``structure.json``:
+    the checkpoint directory is what the framework's own ``save`` would have written, so its own
+    ``load`` (``from_pretrained``) reads it. File names are single plain components.
+
+    Two names may not share a tensor's bytes (tied weights): safetensors has no aliasing, so
+    keep one name per storage, as the framework's ``save`` does.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    tensors_file: str = "model.safetensors"
+    files: Mapping[str, bytes] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=lambda: {"format": "pt"})
+
+
+def export_tensors(export: Export) -> list[tuple[str, torch.Tensor]]:
+    """Check ``export`` and return its tensors in order; ``UnsupportedLeafError`` names what is wrong."""
+    _check_export_name(export.tensors_file, "tensors_file", export.tensors_file)
+    if not export.tensors_file.endswith(".safetensors"):
+        raise UnsupportedLeafError(
+            "tensors_file", export.tensors_file, f"{export.tensors_file!r} must end in .safetensors"
+        )
+    for name, content in export.files.items():
+        _check_export_name(name, f"files/{name}", content)
+        if name == export.tensors_file:
+            raise UnsupportedLeafError(f"files/{name}", content, "is also the tensors_file")
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise UnsupportedLeafError(f"files/{name}", content, "file contents must be bytes")
+    for key, value in export.metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UnsupportedLeafError(f"metadata/{key}", value, "metadata keys and values must be str")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in export.tensors.items():
+        where = f"tensors/{name}"
+        if not isinstance(name, str) or not name or name == "__metadata__":
+            raise UnsupportedLeafError(where, tensor, f"bad tensor name {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise UnsupportedLeafError(where, tensor, f"unsupported type {type(tensor).__qualname__}")
+        if tensor.layout is not torch.strided or tensor.device.type == "meta":
+            problem = f"unsupported tensor {tensor.layout} on {tensor.device}"
+            raise UnsupportedLeafError(where, tensor, problem)
+        if tensor.is_quantized or tensor.dtype not in _DTYPES:
+            # No structure.json to say how to view it back: only dtypes safetensors names.
+            raise UnsupportedLeafError(where, tensor, f"unsupported tensor dtype {tensor.dtype}")
+        tensors.append((name, tensor.detach().resolve_conj().resolve_neg()))
+    _refuse_shared(tensors)
+    return tensors
+
+
+def _check_export_name(name: object, where: str, value: object) -> None:
+    if not isinstance(name, str) or not _PLAIN_FILE.match(name) or name in _RESERVED_FILES:
+        raise UnsupportedLeafError(
+            where,
+            value,
+            f"file name {name!r} must be one plain component ([A-Za-z0-9_][A-Za-z0-9._-]*, no '/'), "
+            f"not {' or '.join(sorted(_RESERVED_FILES))}",
+        )
+
+
+def _refuse_shared(tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """Two names over the same bytes (tied weights) would load as two separate tensors."""
+    seen: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
+    for name, tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        start = int(tensor.storage_offset()) * tensor.element_size()
+        end = start + _span(tensor) * tensor.element_size()
+        spans = seen.setdefault((str(tensor.device), storage.data_ptr()), [])
+        for other_start, other_end, other in spans:
+            if start < other_end and other_start < end:
+                raise UnsupportedLeafError(
+                    f"tensors/{name}",
+                    tensor,
+                    f"shares its storage with {other!r} (tied weights?); keep one of the names, "
+                    "as save_pretrained does",
+                )
+        spans.append((start, end, name))
+
+
+def _span(tensor: torch.Tensor) -> int:
+    """How many elements of its storage ``tensor`` reaches over, from its offset."""
+    return 1 + sum(
+        (int(size) - 1) * abs(int(stride)) for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+
+
 def layout_for(
     tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None = None
 ) -> Layout:
     """The safetensors layout of ``tensors``; ``metadata`` (strings only) joins the header's."""
+    return export_layout(tensors, {"format": "ckptd", **(metadata or {})})
+
+
+def export_layout(tensors: Sequence[tuple[str, torch.Tensor]], metadata: Mapping[str, str]) -> Layout:
+    """The safetensors layout of ``tensors`` with exactly ``metadata`` as the header's ``__metadata__``."""
     entries = [
         TensorEntry(name, _DTYPES[t.dtype], tuple(t.shape), t.numel() * t.element_size())
         for name, t in tensors
     ]
-    return plan_layout(entries, {"format": "ckptd", **(metadata or {})})
+    return plan_layout(entries, metadata)
 
 
 def encode_structure(skeleton: Any, step: int) -> bytes:
@@ -171,21 +277,28 @@ class Slot:
         self.directory = directory
         self.name = directory.name
         self.capacity = 0
+        # The safetensors file the slot maps: tensors.safetensors, or an Export's tensors_file.
+        self.data_file = TENSORS_FILE
         self._fd: int | None = None
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
 
     @property
     def tensors_path(self) -> Path:
-        return self.directory / TENSORS_FILE
+        return self.directory / self.data_file
 
-    def ensure_capacity(self, needed: int) -> None:
-        """Map a file of at least ``needed`` bytes, recreating it if it was removed or is too small."""
+    def ensure_capacity(self, needed: int, data_file: str = TENSORS_FILE) -> None:
+        """Map a file of at least ``needed`` bytes named ``data_file``, recreating it if it was
+        removed, is too small, or has another name (the slot held the other layout)."""
         if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
             self.close()  # the daemon cleaned it up: our mapping no longer reaches any reader
-        if self._fd is not None and needed <= self.capacity:
+        if self._fd is not None and needed <= self.capacity and data_file == self.data_file:
             return
         self.close()
+        if data_file != self.data_file:
+            with contextlib.suppress(OSError):  # the old name's bytes: no pending ack names this slot
+                self.tensors_path.unlink(missing_ok=True)
+            self.data_file = data_file
         try:
             self._create(max(_SLOT_GRANULE, -(-needed // _SLOT_GRANULE) * _SLOT_GRANULE))
         except SnapshotError:
@@ -195,7 +308,8 @@ class Slot:
 
     def _create(self, capacity: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.tensors_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._refuse_links()
+        fd = _open_for_writing(self.tensors_path, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, capacity)
             mapping = mmap.mmap(fd, capacity, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
@@ -210,27 +324,56 @@ class Slot:
         self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)
 
     def write(self, layout: Layout, tensors: Sequence[tuple[str, torch.Tensor]], structure: bytes) -> None:
+        """Fill the slot with a nested state: its tensors and ``structure.json``."""
+        self.write_files(layout, tensors, {STRUCTURE_FILE: structure})
+
+    def write_files(
+        self, layout: Layout, tensors: Sequence[tuple[str, torch.Tensor]], files: Mapping[str, bytes]
+    ) -> None:
         """Fill the slot; the header (with its capture token) is invalid until everything else is in.
 
         A reader that checks the token before and after copying (``staging.read_slot_token``)
-        then sees a mismatch, never a torn mix of two captures under one token.
+        then sees a mismatch, never a torn mix of two captures under one token. ``files`` (plain
+        names) are written beside the tensors, before the header; files an earlier capture of
+        the other layout left are removed.
         """
         assert self._bytes is not None and self._map is not None
         self._map[:8] = bytes(8)  # header length 0: no header, no token
+        self._remove_others(files)
         for offset, (_, tensor) in zip(layout.offsets, tensors, strict=True):
             flat = tensor.contiguous().reshape(-1).view(torch.uint8)
             self._bytes[offset : offset + flat.numel()].copy_(flat)
-        (self.directory / STRUCTURE_FILE).write_bytes(structure)
+        for name, content in files.items():
+            _write_file(self.directory / name, content)
         self._map[8 : len(layout.header)] = layout.header[8:]
         self._map[:8] = layout.header[:8]  # the length last: the header is valid from here on
+
+    def _refuse_links(self) -> None:
+        """A slot or staging dir that is a symlink could point anywhere: never write through it."""
+        for folder in (self.directory.parent, self.directory):
+            if folder.is_symlink():
+                raise SnapshotError(f"{folder} is a symbolic link; refusing to stage through it")
+
+    def _remove_others(self, keep: Mapping[str, bytes]) -> None:
+        # The slot is free (no pending ack names it): nothing in it is anyone's but ours.
+        if self.directory.is_symlink() or self.directory.parent.is_symlink():
+            return  # never delete through a link
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.directory):
+                if (
+                    entry.name != self.data_file
+                    and entry.name not in keep
+                    and entry.is_file(follow_symlinks=False)
+                ):
+                    os.unlink(entry.path)
 
     def unlink(self) -> None:
         self.close()
         # Best effort: whatever stands in the way (a file where the directory should be) is
         # not worth an exception in the trainer's clean-up.
         with contextlib.suppress(OSError):
-            for path in (self.tensors_path, self.directory / STRUCTURE_FILE):
-                path.unlink(missing_ok=True)
+            self._remove_others({})
+            self.tensors_path.unlink(missing_ok=True)
             self.directory.rmdir()
 
     def close(self) -> None:
@@ -289,3 +432,19 @@ def _numpy(node: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Any:
     if array.dtype != dtype:
         array = array.astype(dtype)  # a non-native byte order: the same values, swapped back
     return array if "$ndarray" in node else array[()]
+
+
+def _open_for_writing(path: Path, mode: int) -> int:
+    """Create or truncate ``path`` itself: O_NOFOLLOW, so a symlink planted there is refused
+    instead of truncating whatever it points at."""
+    try:
+        return os.open(path, mode | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SnapshotError(f"{path} is a symbolic link; refusing to write through it") from exc
+        raise
+
+
+def _write_file(path: Path, content: bytes) -> None:
+    with os.fdopen(_open_for_writing(path, os.O_WRONLY), "wb") as handle:
+        handle.write(content)

@@ -1,0 +1,207 @@
+"""``ckptd sidecar``: a daemon tied to the life of one training command.
+
+Start ``ckptd run`` as a subprocess and wait for its heartbeat; run the command with
+``CKPTD_RUN_DIR``, ``CKPTD_HOOK=1`` and ``ckptd/_hook`` first on ``PYTHONPATH`` (whose
+``sitecustomize`` adds ckptd's callback to every Trainer the command's processes build);
+forward SIGINT, SIGTERM and SIGHUP to it; when it exits, stop the daemon with SIGTERM (it
+persists what was acknowledged first) within a deadline, summarize, and exit with the
+command's status (128 + N when signal N killed it).
+
+The daemon runs in its own session: a Ctrl-C in the terminal reaches the command (and this
+process) but not the daemon, which must outlive the command to persist its last capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+
+from ckptd.protocol import RunPaths, daemon_alive
+
+HOOK_DIR = Path(__file__).resolve().with_name("_hook")
+METRICS_LOG = "ckptd-metrics.jsonl"  # what the hooked callback writes, in the run dir
+READY_TIMEOUT_S = 10.0
+EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def say(message: str) -> None:
+    print(f"ckptd sidecar: {message}", file=sys.stderr, flush=True)
+
+
+def child_env(run_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The command's environment: ours, plus where the run is and the hook first on the path."""
+    env = dict(os.environ if base is None else base)
+    old = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(HOOK_DIR) + (os.pathsep + old if old else "")
+    env["CKPTD_RUN_DIR"] = str(run_dir)
+    env["CKPTD_HOOK"] = "1"
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's convention: a child killed by signal N exits 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Sidecar:
+    """One daemon, one command. ``run()`` returns the exit status for ``ckptd sidecar``."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        daemon_options: Sequence[str],
+        command: Sequence[str],
+        *,
+        stop_timeout: float = 120.0,
+        ready_timeout: float = READY_TIMEOUT_S,
+        summary: Callable[[], None] | None = None,
+    ) -> None:
+        self.run_dir = run_dir
+        self.paths = RunPaths(run_dir)
+        self.daemon_argv = [sys.executable, "-m", "ckptd", "run", str(run_dir), *daemon_options]
+        self.command = list(command)
+        self.stop_timeout = stop_timeout
+        self.ready_timeout = ready_timeout
+        self.summary = summary
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.child: subprocess.Popen[bytes] | None = None
+        self.received: list[int] = []  # every signal, in order
+        self._early: list[int] = []  # signals that came before the command started
+
+    def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._on_signal) for signum in _FORWARDED}
+        try:
+            return self._run()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _run(self) -> int:
+        started = self._start_daemon()
+        if started is not None:
+            return started
+        if self.received:
+            say(f"{signal.Signals(self.received[0]).name} before the command started; not starting it")
+            self._stop_daemon()
+            return 128 + self.received[0]
+        try:
+            child = subprocess.Popen(self.command, env=child_env(self.run_dir))
+        except OSError as exc:
+            code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+            what = "command not found" if code == EXIT_NOT_FOUND else "cannot run the command"
+            say(f"{what}: {self.command[0]} ({exc.strerror or exc}); stopping the daemon")
+            self._stop_daemon()
+            return code
+        self.child = child
+        early, self._early = self._early, []
+        for signum in early:  # arrived between the check above and Popen
+            self._forward(child, signum)
+        status = exit_status(child.wait())  # a signal runs its handler and the wait goes on
+        how = (
+            f"killed by {signal.Signals(-child.returncode).name}"
+            if child.returncode < 0 and -child.returncode in signal.valid_signals()
+            else f"exited with status {status}"
+        )
+        say(f"{self.command[0]} {how}; stopping the daemon (it persists what was acknowledged first)")
+        self._stop_daemon()
+        if self.summary is not None:
+            try:
+                self.summary()
+            except Exception as exc:  # the summary is a courtesy; the status is the command's
+                say(f"could not summarize the store: {exc}")
+        return status
+
+    def _start_daemon(self) -> int | None:
+        """Start ``ckptd run`` and wait for a heartbeat of its own; an exit status if it failed."""
+        self.daemon = daemon = subprocess.Popen(self.daemon_argv, start_new_session=True)
+        deadline = time.monotonic() + self.ready_timeout
+        while not self._heartbeat_is(daemon.pid):
+            code = daemon.poll()
+            if code is not None:
+                why = "another daemon already follows it" if code == 3 else "see its messages above"
+                say(f"the daemon for {self.run_dir} exited with status {code} ({why}); command not started")
+                return code or 1
+            if self.received:
+                return None  # _run says it and stops the daemon
+            if time.monotonic() > deadline:
+                say(
+                    f"the daemon has shown no heartbeat after {self.ready_timeout:g} s (catching up on a "
+                    "long log?); starting the command anyway: captures begin once it is up"
+                )
+                return None
+            time.sleep(0.01)
+        return None
+
+    def _heartbeat_is(self, pid: int) -> bool:
+        """A fresh heartbeat written by ``pid``: another daemon's, or a stale one, is not ours."""
+        if not daemon_alive(self.paths):
+            return False
+        try:
+            status = json.loads(self.paths.status.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(status, dict) and status.get("pid") == pid
+
+    def _stop_daemon(self) -> None:
+        daemon = self.daemon
+        if daemon is None:
+            return
+        if daemon.poll() is not None:
+            if daemon.returncode != 0:
+                say(f"the daemon had already exited with status {daemon.returncode}; see its messages above")
+            return
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=self.stop_timeout)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+            say(
+                f"the daemon did not stop within {self.stop_timeout:g} s (--stop-timeout); killed it "
+                f"(SIGKILL). Acknowledged captures still in shared memory are persisted by the next "
+                f"`ckptd run {self.run_dir}`"
+            )
+            return
+        if daemon.returncode != 0:
+            say(f"the daemon stopped with status {daemon.returncode}; see its messages above")
+
+    # -- signals --------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Record it and pass it on; nothing else happens in a handler."""
+        self.received.append(signum)
+        child = self.child
+        if child is None:
+            self._early.append(signum)
+        else:
+            self._forward(child, signum)
+
+    @staticmethod
+    def _forward(child: subprocess.Popen[bytes], signum: int) -> None:
+        if child.returncode is not None:
+            return
+        if signum == signal.SIGINT and _terminal_sent_it_to_the_child():
+            return  # a Ctrl-C already reached the whole foreground group: one is enough
+        with contextlib.suppress(OSError):  # it exited meanwhile
+            child.send_signal(signum)
+
+
+def _terminal_sent_it_to_the_child() -> bool:
+    """Whether our process group (the command's too) is its terminal's foreground group."""
+    for fd in (0, 1, 2):
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue  # not a terminal
+    return False
