@@ -304,3 +304,124 @@ def test_importing_the_integrations_package_imports_neither_torch_nor_transforme
         "assert ckptd.integrations.__all__ == ['CkptdCallback']"
     )
     subprocess.run([sys.executable, "-c", probe], check=True)
+
+
+class StepsSeen(TrainerCallback):
+    """The steps a Trainer ran and logged, as it reported them."""
+
+    def __init__(self) -> None:
+        self.ended: list[int] = []
+        self.logged: list[int] = []
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.ended.append(state.global_step)
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.logged.append(state.global_step)
+
+
+RESUME_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
+
+
+def _torch_file(path: Path) -> Any:
+    return torch.load(path, weights_only=False)
+
+
+def _assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Equal nested values, tensors compared exactly."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}/{index}")
+    elif hasattr(a, "dtype") and hasattr(a, "shape"):  # numpy
+        assert (a == b).all(), where
+    else:
+        assert a == b, where
+
+
+def test_a_scheduled_snapshot_is_a_trainer_checkpoint_that_resumes_the_run_exactly(
+    tmp_path: Path, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = start_daemon(daemons, run, "--every-steps", "100", "--keep-last", "2")
+    trainer = hf_tiny.trainer(run)  # save_steps=200: the Trainer's own checkpoint-200 to compare with
+    trainer.add_callback(CkptdCallback(run))
+    trainer.train()
+    assert daemon.stop() == 0, daemon.log()
+    uninterrupted = {key: tensor.clone() for key, tensor in trainer.model.state_dict().items()}
+
+    store = Store(run / "checkpoints")
+    at_200 = [record for record in store.list() if record.step == 200]
+    assert len(at_200) == 1, [record.name for record in store.list()]
+    ours = store.path_of(at_200[0].name)
+    assert ours.name == "step-00000200"
+    assert store.verify(ours.name) == []
+    files = {path.name for path in ours.iterdir()}
+    assert RESUME_FILES | {"model.safetensors", "config.json", "tokenizer.json"} <= files, files
+
+    # The same training state the Trainer's own save at step 200 holds.
+    theirs = run / "checkpoint-200"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        _assert_same(_torch_file(ours / name), _torch_file(theirs / name), name)
+    state = json.loads((ours / "trainer_state.json").read_text())
+    reference = json.loads((theirs / "trainer_state.json").read_text())
+    assert state["global_step"] == reference["global_step"] == 200
+    for key in ("epoch", "max_steps", "train_batch_size", "num_train_epochs", "log_history"):
+        assert state[key] == reference[key], key
+    assert _torch_file(ours / "training_args.bin").to_dict() == trainer.args.to_dict()
+
+    resumed = hf_tiny.trainer(tmp_path / "resumed")
+    seen = StepsSeen()
+    resumed.add_callback(seen)
+    resumed.train(resume_from_checkpoint=str(ours))
+    assert seen.ended[0] == 201 and seen.ended[-1] == 300
+    assert min(seen.logged) > 200
+    assert resumed.state.global_step == 300
+    # Weights, optimizer moments, learning rate, RNG (dropout) and data order all carried over:
+    # on CPU, one thread, the resumed run ends bit for bit where the uninterrupted one did.
+    final = resumed.model.state_dict()
+    assert final.keys() == uninterrupted.keys()
+    for key, tensor in final.items():
+        assert torch.equal(tensor, uninterrupted[key]), key
+
+
+def test_scheduled_steps_are_resumable_and_a_best_on_the_schedule_is_the_same_capture(
+    tmp_path: Path, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = start_daemon(daemons, run, "--every-steps", "25", "--keep-last", "5")
+    trainer = hf_tiny.trainer(run, max_steps=50, save_strategy="no")  # evaluated at step 50 only
+    trainer.add_callback(CkptdCallback(run))
+    trainer.train()
+    assert daemon.stop() == 0, daemon.log()
+
+    records = Store(run / "checkpoints").list()
+    assert [record.step for record in records] == [25, 50], [record.name for record in records]
+    plain, evaluated = records  # step 25: captured at its end; step 50: after its eval
+    assert "best:eval_loss" in evaluated.tags and "best:eval_loss" not in plain.tags
+    assert evaluated.metrics["eval_loss"] == logged_evals(run)[50]
+    store = Store(run / "checkpoints")
+    for record in records:
+        folder = store.path_of(record.name)
+        assert RESUME_FILES | {"model.safetensors", "config.json"} <= {p.name for p in folder.iterdir()}
+        assert store.verify(record.name) == []
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["global_step"] == record.step
+        scheduler = _torch_file(folder / "scheduler.pt")
+        assert scheduler["last_epoch"] == record.step  # stepped once per optimizer step
+        optimizer = _torch_file(folder / "optimizer.pt")
+        assert {int(group["step"]) for group in optimizer["state"].values()} == {record.step}
+    logged = json.loads((store.path_of(evaluated.name) / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in logged if "eval_loss" in entry] == [50]  # its own eval included

@@ -17,15 +17,30 @@ is what ``save_pretrained`` writes (``model.safetensors`` without tied duplicate
 best_dir)`` loads. With no daemon running, the callback costs an ``os.stat`` per step and
 one line per log.
 
+A scheduled capture (``ckptd run --every-steps N``, taken at the step's end) is a full
+``Trainer`` checkpoint: the same weights and files plus ``optimizer.pt``, ``scheduler.pt``,
+``rng_state.pth``, ``trainer_state.json`` and ``training_args.bin`` (``scaler.pt`` too with a
+gradient scaler), so ``trainer.train(resume_from_checkpoint=that_dir)`` continues from it:
+on CPU, bit for bit as the uninterrupted run. The pickles are ``torch.save``d to memory at
+the capture, the one cost it adds to the trainer. At a step that is evaluated the capture
+waits for ``on_evaluate`` (the eval draws from the RNG, and the Trainer saves after it), and a
+best of that eval is the same capture. Not carried yet: the live state of other stateful
+callbacks (``EarlyStoppingCallback``: its state from the start of training is kept), FLOPs
+not yet folded into ``total_flos``, and the sharded layouts of DeepSpeed and FSDP. A step
+whose eval is asked for by a callback after this one is captured before that eval's draws.
+
 Only the world process zero acts; other ranks do nothing.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import io
 import json
 import logging
 import os
+import random
 import sys
 import tempfile
 from pathlib import Path
@@ -35,12 +50,19 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.client import CheckpointClient, Export
+from ckptd.protocol import read_control
 
 log = logging.getLogger("ckptd.integrations.hf")
 
 RUN_DIR_ENV = "CKPTD_RUN_DIR"
 MODEL_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+# The names transformers.trainer saves a checkpoint's training state under and reads back on resume.
+OPTIMIZER_FILE = "optimizer.pt"  # OPTIMIZER_NAME
+SCHEDULER_FILE = "scheduler.pt"  # SCHEDULER_NAME
+SCALER_FILE = "scaler.pt"  # SCALER_NAME
+TRAINER_STATE_FILE = "trainer_state.json"  # TRAINER_STATE_NAME
+TRAINING_ARGS_FILE = "training_args.bin"  # TRAINING_ARGS_NAME
 
 
 class CkptdCallback(TrainerCallback):
@@ -66,6 +88,7 @@ class CkptdCallback(TrainerCallback):
         self._prepared = False
         self._training = False
         self._side_files: dict[str, bytes] | None = None  # config, tokenizer...: fixed for a run
+        self._deferred_step = -1  # a step whose end left its capture to the eval that follows
 
     # -- the Trainer's events ------------------------------------------------------------
 
@@ -76,6 +99,7 @@ class CkptdCallback(TrainerCallback):
             return
         self._training = True
         self._prepared = False
+        self._deferred_step = -1
         self._client(args)
         model = kwargs.get("model")
         if model is not None:
@@ -105,11 +129,21 @@ class CkptdCallback(TrainerCallback):
             return
         client = self._client(args)
         model = kwargs["model"]
+
+        def full() -> Export:
+            return self.periodic_state(model, kwargs, args=args, state=state, control=control)
+
         if not self._prepared:
             # After the first optimizer step: fault in a slot before the first eval needs it.
             # False (and retried at the next step) while no daemon has said where slots go.
-            self._prepared = client.prepare(lambda: self.periodic_state(model, kwargs))
-        client.maybe_snapshot(state.global_step, lambda: self.periodic_state(model, kwargs))
+            self._prepared = client.prepare(full)
+        if control.should_evaluate:
+            # An eval follows at this step, and it draws from torch's RNG (every DataLoader
+            # iterator does): what is captured here is captured after it, in on_evaluate, so the
+            # RNG state is the one the next step starts from, as in the Trainer's own save.
+            self._deferred_step = state.global_step
+            return
+        client.maybe_snapshot(state.global_step, full)
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -122,7 +156,15 @@ class CkptdCallback(TrainerCallback):
         model = kwargs["model"]
         step = state.global_step
         try:
-            if client.wait_verdict(step) is not None:
+            verdict = client.wait_verdict(step)
+            deferred, self._deferred_step = self._deferred_step, -1
+            if self._training and step == deferred and _on_schedule(client, step):
+                # The step's end left its capture to now: a scheduled one, in the resumable
+                # layout, and a best of this eval with it (one capture; that layout is a superset).
+                client.maybe_snapshot(
+                    step, lambda: self.periodic_state(model, kwargs, args=args, state=state, control=control)
+                )
+            elif verdict is not None:
                 # A best is captured now, with the weights that were just evaluated.
                 client.maybe_snapshot(step, lambda: self.best_export(model, kwargs))
         finally:
@@ -148,13 +190,44 @@ class CkptdCallback(TrainerCallback):
             return Export(_adapter_tensors(model), ADAPTER_FILE, self._side_files, {"format": "pt"})
         return Export(_model_tensors(model), MODEL_FILE, self._side_files, {"format": "pt"})
 
-    def periodic_state(self, model: torch.nn.Module, kwargs: dict[str, Any] | None = None) -> Export:
-        """What a scheduled capture (``ckptd run --every-steps``) stores.
+    def periodic_state(
+        self,
+        model: torch.nn.Module,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        args: TrainingArguments | None = None,
+        state: TrainerState | None = None,
+        control: TrainerControl | None = None,
+    ) -> Export:
+        """What a scheduled capture (``ckptd run --every-steps``) stores: a ``Trainer`` checkpoint.
 
-        For now the same weights-only export as a best: no optimizer, scheduler or RNG state,
-        so it cannot resume training yet (resume snapshots come in a later step).
+        ``best_export`` plus what ``Trainer.train(resume_from_checkpoint=...)`` reads: the
+        optimizer, scheduler (and gradient scaler) state dicts, the RNG states, the trainer
+        state at ``state.global_step`` and the arguments, as ``Trainer._save_checkpoint``
+        names them. Without ``state`` or the ``optimizer`` and ``lr_scheduler`` of
+        ``kwargs`` (the Trainer's callback events carry them), the weights alone.
         """
-        return self.best_export(model, kwargs)
+        export = self.best_export(model, kwargs)
+        kwargs = kwargs or {}
+        optimizer = kwargs.get("optimizer")
+        scheduler = kwargs.get("lr_scheduler")
+        if state is None or optimizer is None or scheduler is None:
+            return export
+        files = dict(export.files)
+        files[OPTIMIZER_FILE] = _saved(optimizer.state_dict())
+        files[SCHEDULER_FILE] = _saved(scheduler.state_dict())
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer holds it
+        if scaler is not None:
+            files[SCALER_FILE] = _saved(scaler.state_dict())
+        # Only process zero captures: other ranks find no file of theirs and resume unseeded.
+        rng_file = (
+            "rng_state.pth" if args is None or args.world_size <= 1 else f"rng_state_{args.process_index}.pth"
+        )
+        files[rng_file] = _saved(_rng_states(args))
+        files[TRAINER_STATE_FILE] = _trainer_state_json(state, control)
+        if args is not None:
+            files[TRAINING_ARGS_FILE] = _saved(args)
+        return Export(export.tensors, export.tensors_file, files, dict(export.metadata))
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -184,6 +257,53 @@ class CkptdCallback(TrainerCallback):
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _on_schedule(client: CheckpointClient, step: int) -> bool:
+    """Whether the daemon's schedule (``--every-steps``) captures ``step``."""
+    try:
+        every = read_control(client.paths.control).every_steps
+    except (OSError, ValueError):  # no daemon yet, or a control file being replaced
+        return False
+    return every is not None and step > 0 and step % every == 0
+
+
+def _saved(value: Any) -> bytes:
+    """``torch.save(value, path)``'s bytes, written to memory."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _rng_states(args: TrainingArguments | None) -> dict[str, Any]:
+    """What ``Trainer._save_rng_state`` saves and ``_load_rng_state`` restores (CPU and CUDA)."""
+    import numpy as np  # a dependency of transformers
+
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cpu": torch.random.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        distributed = args is not None and getattr(args.parallel_mode, "value", None) == "distributed"
+        cuda = torch.cuda.random
+        states["cuda"] = cuda.get_rng_state_all() if distributed else cuda.get_rng_state()
+    return states
+
+
+def _trainer_state_json(state: TrainerState, control: TrainerControl | None) -> bytes:
+    """``TrainerState.save_to_json``'s text for ``state`` as it is now, the trainer's own left as it is.
+
+    ``Trainer._save_checkpoint`` first records the stateful callbacks' current state; of those
+    the callback sees only ``control``. The others keep what the state holds (their state when
+    training began).
+    """
+    document = dataclasses.asdict(state)
+    callbacks = dict(document.get("stateful_callbacks") or {})
+    if control is not None:
+        callbacks[type(control).__name__] = control.state()
+    document["stateful_callbacks"] = callbacks
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _processing_class(kwargs: dict[str, Any]) -> Any:
