@@ -14,7 +14,8 @@ runs in every Python process of the child's tree (every rank under torchrun). It
 Cost when no trainer is imported: one dict lookup per import. Nothing from ckptd, torch or
 transformers is imported here; the callback's module is imported when the first Trainer is
 constructed. It never raises: an error is printed once to stderr and the process runs
-without the callback (``CKPTD_HF_CALLBACK=module:Class`` names another callback class).
+without the callback (``CKPTD_HF_CALLBACK=module:Class``, ``CKPTD_LIGHTNING_CALLBACK=module:Class``
+name other callback classes).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 _ENV_HOOK = "CKPTD_HOOK"
 _ENV_HF_CALLBACK = "CKPTD_HF_CALLBACK"
 _HF_CALLBACK = "ckptd.integrations.hf:CkptdCallback"
-_LIGHTNING_CALLBACK_MODULE = "ckptd.integrations.lightning"
+_ENV_LIGHTNING_CALLBACK = "CKPTD_LIGHTNING_CALLBACK"
+_LIGHTNING_CALLBACK = "ckptd.integrations.lightning:CkptdCallback"
 _MARK = "__ckptd_hook__"  # set on our finder and on each wrapped __init__: never twice
 
 _warned = False
@@ -70,27 +72,30 @@ def add_hf_callback(trainer: Any) -> None:
     trainer.add_callback(callback_cls())
 
 
-def add_lightning_callback_placeholder(trainer: Any) -> None:
-    """Placeholder until ``ckptd.integrations.lightning`` exists: when it does, append its
-    ``CkptdCallback()`` to ``trainer.callbacks`` (unless one is there); until then, nothing."""
-    import importlib
-    import importlib.util
-
-    try:
-        found = importlib.util.find_spec(_LIGHTNING_CALLBACK_MODULE)
-    except ImportError:
-        found = None  # ckptd.integrations (or ckptd) is not importable here
-    if found is None:
+def add_lightning_callback(trainer: Any) -> None:
+    """Add ``CkptdCallback()`` (``ckptd.integrations.lightning``, or the class
+    ``CKPTD_LIGHTNING_CALLBACK`` names) to ``trainer.callbacks``, unless one is already there;
+    before the checkpoint callbacks, which Lightning runs last."""
+    callback_cls = _load(os.environ.get(_ENV_LIGHTNING_CALLBACK) or _LIGHTNING_CALLBACK)
+    callbacks = trainer.callbacks
+    if any(isinstance(cb, callback_cls) for cb in callbacks):
         return
-    callback_cls = importlib.import_module(_LIGHTNING_CALLBACK_MODULE).CkptdCallback
-    if not any(isinstance(cb, callback_cls) for cb in trainer.callbacks):
-        trainer.callbacks.append(callback_cls())
+    at = next((i for i, cb in enumerate(callbacks) if _is_checkpoint_callback(cb)), len(callbacks))
+    callbacks.insert(at, callback_cls())
+
+
+def _is_checkpoint_callback(callback: Any) -> bool:
+    # Lightning's ``Checkpoint`` base (ModelCheckpoint's), named, not imported.
+    return any(
+        base.__name__ == "Checkpoint" and base.__module__.endswith(".callbacks.checkpoint")
+        for base in type(callback).__mro__
+    )
 
 
 _TARGETS: dict[str, Callable[[Any], None]] = {
     "transformers.trainer": add_hf_callback,
-    "lightning.pytorch.trainer.trainer": add_lightning_callback_placeholder,
-    "pytorch_lightning.trainer.trainer": add_lightning_callback_placeholder,
+    "lightning.pytorch.trainer.trainer": add_lightning_callback,
+    "pytorch_lightning.trainer.trainer": add_lightning_callback,
 }
 
 
