@@ -29,7 +29,10 @@ callbacks (``EarlyStoppingCallback``: its state from the start of training is ke
 not yet folded into ``total_flos``, and the sharded layouts of DeepSpeed and FSDP. A step
 whose eval is asked for by a callback after this one is captured before that eval's draws.
 
-Only the world process zero acts; other ranks do nothing.
+Only the world process zero acts: it alone reads the control file and captures (under DDP
+every rank holds the same weights). After each eval it broadcasts whether it captured the step
+over the job's process group (``ckptd.client.collective.agree``), so every rank agrees on it
+(``last_decision``); the per-step path sends nothing. Without a process group nothing changes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.client import CheckpointClient, Export
+from ckptd.client.collective import agree
 from ckptd.protocol import read_control
 
 log = logging.getLogger("ckptd.integrations.hf")
@@ -89,6 +93,8 @@ class CkptdCallback(TrainerCallback):
         self._training = False
         self._side_files: dict[str, bytes] | None = None  # config, tokenizer...: fixed for a run
         self._deferred_step = -1  # a step whose end left its capture to the eval that follows
+        # (step, captured) of the last eval, as rank 0 decided it: the same on every rank.
+        self.last_decision: tuple[int, bool] | None = None
 
     # -- the Trainer's events ------------------------------------------------------------
 
@@ -148,8 +154,19 @@ class CkptdCallback(TrainerCallback):
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
-            return
+        captured = False
+        try:
+            if state.is_world_process_zero:
+                captured = self._evaluated(args, state, control, kwargs)
+        finally:
+            # Every rank evaluates, so every rank comes here: rank 0 tells the others whether
+            # this eval's step was captured (a collective under DDP; nothing without a group).
+            self.last_decision = (state.global_step, agree(captured))
+
+    def _evaluated(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
+    ) -> bool:
+        """Process zero's rendezvous after an eval: whether it captured the step."""
         if self._log is not None:
             self._log.flush()  # Trainer.evaluate logged the metrics (on_log) just before this
         client = self._client(args)
@@ -161,12 +178,13 @@ class CkptdCallback(TrainerCallback):
             if self._training and step == deferred and _on_schedule(client, step):
                 # The step's end left its capture to now: a scheduled one, in the resumable
                 # layout, and a best of this eval with it (one capture; that layout is a superset).
-                client.maybe_snapshot(
+                return client.maybe_snapshot(
                     step, lambda: self.periodic_state(model, kwargs, args=args, state=state, control=control)
                 )
-            elif verdict is not None:
+            if verdict is not None:
                 # A best is captured now, with the weights that were just evaluated.
-                client.maybe_snapshot(step, lambda: self.best_export(model, kwargs))
+                return client.maybe_snapshot(step, lambda: self.best_export(model, kwargs))
+            return False
         finally:
             if not self._training:  # an evaluate() outside train(): no on_train_end will close it
                 self._close()

@@ -30,6 +30,9 @@ saved. ``load_snapshot`` alone returns such nodes as they are.
 Only the global rank zero acts, and the capture reads the state of its own process: fine for
 one device and for DDP (every rank holds the whole model and optimizer); with a sharded
 strategy (FSDP, DeepSpeed) the callback only logs and says once that it does not capture.
+After each validation global zero broadcasts whether it captured the step over the job's
+process group (``ckptd.client.collective.agree``), so every rank agrees on it
+(``last_decision``); the per-step path sends nothing.
 With no daemon running, it costs an ``os.stat`` per step and one line per validation.
 """
 
@@ -47,6 +50,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from ckptd.client import CheckpointClient, load_snapshot
+from ckptd.client.collective import agree
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -87,6 +91,8 @@ class CkptdCallback(pl.Callback):
         self._log: IO[str] | None = None
         self._prepared = False
         self._capturing: bool | None = None  # decided at the first capture point of a fit
+        # (step, captured) of the last validation, as global zero decided it: the same on every rank.
+        self.last_decision: tuple[int, bool] | None = None
 
     # -- Lightning's events ------------------------------------------------------------------
 
@@ -111,8 +117,19 @@ class CkptdCallback(pl.Callback):
         client.maybe_snapshot(step, lambda: checkpoint_state(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not _fitting(trainer):
+        if trainer.sanity_checking or not _fitting(trainer):
             return
+        captured = False
+        try:
+            if trainer.is_global_zero:
+                captured = self._validated(trainer)
+        finally:
+            # Every rank validates, so every rank comes here: rank 0 tells the others whether
+            # this step was captured (a collective under DDP; nothing without a process group).
+            self.last_decision = (trainer.global_step, agree(captured))
+
+    def _validated(self, trainer: pl.Trainer) -> bool:
+        """Global zero's rendezvous after a validation: whether it captured the step."""
         step = trainer.global_step
         handle = self._log_file(trainer)
         # NaN and Infinity are written as such: ckptd's jsonl reader takes them.
@@ -121,7 +138,8 @@ class CkptdCallback(pl.Callback):
         client = self._client(trainer)
         if client.wait_verdict(step) is not None and self._can_capture(trainer):
             # A best is captured now, with the weights that were just validated.
-            client.maybe_snapshot(step, lambda: checkpoint_state(trainer))
+            return client.maybe_snapshot(step, lambda: checkpoint_state(trainer))
+        return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -256,4 +274,3 @@ def _sharded(trainer: pl.Trainer) -> bool:
         return False
     names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
     return "DDPStrategy" not in names or any("DeepSpeed" in name for name in names)
-
