@@ -38,9 +38,13 @@ EVERY = 8  # the schedule's period; validations come every 5 steps, 40 steps in 
 @pytest.fixture(autouse=True)
 def one_thread() -> Any:
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # deterministic, and fair to a 2-core machine running the daemon too
     yield
     torch.set_num_threads(threads)
+    # Trainer(deterministic=True) switches it on for the whole process: later tests in this
+    # process (float4 tensors, say) must not inherit it.
+    torch.use_deterministic_algorithms(deterministic)
 
 
 class Seen(pl.Callback):

@@ -208,7 +208,7 @@ def test_tensor_named_like_the_safetensors_metadata_key(tmp_path: Path) -> None:
 
 def _random_bits(dtype: torch.dtype, *shape: int) -> torch.Tensor:
     """Every bit pattern is fair game (NaN payloads, subnormals): bit identity is what counts."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize  # not torch.empty: deterministic mode cannot fill every dtype
     count = math.prod(shape) * itemsize
     raw = torch.randint(0, 256, (count,), generator=_GEN, dtype=torch.uint8)
     return raw.view(dtype).reshape(shape)
