@@ -14,6 +14,7 @@ process) but not the daemon, which must outlive the command to persist its last 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ from types import FrameType
 
 from ckptd.protocol import RunPaths, daemon_alive
 
+_PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 HOOK_DIR = Path(__file__).resolve().with_name("_hook")
 METRICS_LOG = "ckptd-metrics.jsonl"  # what the hooked callback writes, in the run dir
 READY_TIMEOUT_S = 10.0
@@ -124,7 +126,9 @@ class Sidecar:
 
     def _start_daemon(self) -> int | None:
         """Start ``ckptd run`` and wait for a heartbeat of its own; an exit status if it failed."""
-        self.daemon = daemon = subprocess.Popen(self.daemon_argv, start_new_session=True)
+        self.daemon = daemon = subprocess.Popen(
+            self.daemon_argv, start_new_session=True, preexec_fn=_stop_with(os.getpid())
+        )
         deadline = time.monotonic() + self.ready_timeout
         while not self._heartbeat_is(daemon.pid):
             code = daemon.poll()
@@ -205,3 +209,18 @@ def _terminal_sent_it_to_the_child() -> bool:
         except OSError:
             continue  # not a terminal
     return False
+
+
+def _stop_with(sidecar: int) -> Callable[[], None]:
+    """For the daemon's process, before exec: SIGTERM it when the sidecar dies, however it dies
+    (a SIGKILL, the OOM killer). Else an orphaned daemon would follow the run for good and
+    refuse every later sidecar on it. Linux only; elsewhere the daemon outlives a killed
+    sidecar as before."""
+
+    def arm() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != sidecar:  # the sidecar died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm

@@ -113,6 +113,32 @@ def test_refuses_to_start_when_another_daemon_follows_the_run(
     assert other.proc.poll() is None  # the first daemon is left alone
 
 
+def test_a_sidecar_killed_outright_takes_its_daemon_with_it(tmp_path: Path) -> None:
+    # SIGKILL or the OOM killer: no handler runs. An orphaned daemon would follow the run for
+    # good and refuse every later sidecar on it (exit 3).
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(sidecar(run_dir, sys.executable, "-c", "import time; time.sleep(20)"))
+    try:
+        wait_for(lambda: RunPaths(run_dir).status.exists(), what="the daemon's heartbeat")
+        daemon_pid = json.loads(RunPaths(run_dir).status.read_bytes())["pid"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        def gone() -> bool:
+            try:
+                os.kill(daemon_pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_for(gone, timeout=30, what="the orphaned daemon to stop")
+        again = run(sidecar(run_dir, sys.executable, "-c", "pass"))
+        assert again.returncode == 0, again.stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_bad_options_exit_2_and_create_nothing(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     touch = (sys.executable, "-c", f"open({str(marker)!r}, 'w')")

@@ -47,18 +47,18 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.client import CheckpointClient, Export
 from ckptd.client.collective import agree
+from ckptd.integrations.link import RunLink
 from ckptd.protocol import read_control
 
 log = logging.getLogger("ckptd.integrations.hf")
 
-RUN_DIR_ENV = "CKPTD_RUN_DIR"
 MODEL_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME
 ADAPTER_FILE = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
 # The names transformers.trainer saves a checkpoint's training state under and reads back on resume.
@@ -84,11 +84,7 @@ class CkptdCallback(TrainerCallback):
         log_name: str = "ckptd-metrics.jsonl",
         rendezvous_timeout: float = 2.0,
     ) -> None:
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log_name = log_name
-        self.rendezvous_timeout = rendezvous_timeout
-        self.client: CheckpointClient | None = None
-        self._log: IO[str] | None = None
+        self.link = RunLink(run_dir, log_name, rendezvous_timeout)
         self._prepared = False
         self._training = False
         self._side_files: dict[str, bytes] | None = None  # config, tokenizer...: fixed for a run
@@ -106,7 +102,7 @@ class CkptdCallback(TrainerCallback):
         self._training = True
         self._prepared = False
         self._deferred_step = -1
-        self._client(args)
+        self.link.client(args.output_dir)
         model = kwargs.get("model")
         if model is not None:
             # Saved once, now: these files do not change while the run trains.
@@ -122,7 +118,7 @@ class CkptdCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or logs is None:
             return
-        handle = self._log_file(args)
+        handle = self.link.log_file(args.output_dir)
         # NaN and Infinity are written as such: ckptd's jsonl reader takes them.
         line = json.dumps({"step": state.global_step, **logs}, default=_json_value)
         handle.write(line + "\n")
@@ -133,7 +129,7 @@ class CkptdCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return
-        client = self._client(args)
+        client = self.link.client(args.output_dir)
         model = kwargs["model"]
 
         def full() -> Export:
@@ -167,9 +163,8 @@ class CkptdCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, kwargs: dict[str, Any]
     ) -> bool:
         """Process zero's rendezvous after an eval: whether it captured the step."""
-        if self._log is not None:
-            self._log.flush()  # Trainer.evaluate logged the metrics (on_log) just before this
-        client = self._client(args)
+        self.link.flush()  # Trainer.evaluate logged the metrics (on_log) just before this
+        client = self.link.client(args.output_dir)
         model = kwargs["model"]
         step = state.global_step
         try:
@@ -187,7 +182,7 @@ class CkptdCallback(TrainerCallback):
             return False
         finally:
             if not self._training:  # an evaluate() outside train(): no on_train_end will close it
-                self._close()
+                self.link.close()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -195,7 +190,7 @@ class CkptdCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._training = False
-        self._close()
+        self.link.close()
 
     # -- what is captured ----------------------------------------------------------------
 
@@ -248,33 +243,6 @@ class CkptdCallback(TrainerCallback):
         return Export(export.tensors, export.tensors_file, files, dict(export.metadata))
 
     # -- plumbing --------------------------------------------------------------------------
-
-    def _resolve_run_dir(self, args: TrainingArguments) -> Path:
-        if self.run_dir is None:
-            self.run_dir = Path(os.environ.get(RUN_DIR_ENV) or args.output_dir or ".")
-        return self.run_dir
-
-    def _client(self, args: TrainingArguments) -> CheckpointClient:
-        if self.client is None:
-            run_dir = self._resolve_run_dir(args)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.client = CheckpointClient(run_dir, rendezvous_timeout=self.rendezvous_timeout)
-        return self.client
-
-    def _log_file(self, args: TrainingArguments) -> IO[str]:
-        if self._log is None:
-            run_dir = self._resolve_run_dir(args)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._log = (run_dir / self.log_name).open("a", encoding="utf-8")
-        return self._log
-
-    def _close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 def _on_schedule(client: CheckpointClient, step: int) -> bool:

@@ -45,12 +45,13 @@ import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ckptd.client import CheckpointClient, load_snapshot
+from ckptd.client import load_snapshot
 from ckptd.client.collective import agree
+from ckptd.integrations.link import RunLink
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -62,7 +63,6 @@ else:
 
 log = logging.getLogger("ckptd.integrations.lightning")
 
-RUN_DIR_ENV = "CKPTD_RUN_DIR"
 PICKLED = "$ckptd_pickle"  # a value the snapshot format cannot hold, pickled into uint8 bytes
 
 __all__ = ["CkptdCallback", "checkpoint_state", "from_snapshot", "to_lightning_checkpoint"]
@@ -84,11 +84,7 @@ class CkptdCallback(pl.Callback):
         rendezvous_timeout: float = 2.0,
     ) -> None:
         super().__init__()
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log_name = log_name
-        self.rendezvous_timeout = rendezvous_timeout
-        self.client: CheckpointClient | None = None
-        self._log: IO[str] | None = None
+        self.link = RunLink(run_dir, log_name, rendezvous_timeout)
         self._prepared = False
         self._capturing: bool | None = None  # decided at the first capture point of a fit
         # (step, captured) of the last validation, as global zero decided it: the same on every rank.
@@ -108,7 +104,7 @@ class CkptdCallback(pl.Callback):
         step = trainer.global_step
         if step < 1:
             return  # no optimizer step yet (gradient accumulation): nothing to capture
-        client = self._client(trainer)
+        client = self.link.client(trainer.default_root_dir)
         if not self._prepared:
             # After the first optimizer step the optimizer state exists: fault in a slot of the
             # checkpoint's size before the first validation needs it. False (and retried at the
@@ -131,21 +127,21 @@ class CkptdCallback(pl.Callback):
     def _validated(self, trainer: pl.Trainer) -> bool:
         """Global zero's rendezvous after a validation: whether it captured the step."""
         step = trainer.global_step
-        handle = self._log_file(trainer)
+        handle = self.link.log_file(trainer.default_root_dir)
         # NaN and Infinity are written as such: ckptd's jsonl reader takes them.
         handle.write(json.dumps({"step": step, **_scalars(trainer.callback_metrics)}) + "\n")
         handle.flush()  # the daemon can only judge what reached the file
-        client = self._client(trainer)
+        client = self.link.client(trainer.default_root_dir)
         if client.wait_verdict(step) is not None and self._can_capture(trainer):
             # A best is captured now, with the weights that were just validated.
             return client.maybe_snapshot(step, lambda: checkpoint_state(trainer))
         return False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close()
+        self.link.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()  # also after an exception, when on_train_end never came
+        self.link.close()  # also after an exception, when on_train_end never came
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -159,33 +155,6 @@ class CkptdCallback(pl.Callback):
                     type(trainer.strategy).__name__,
                 )
         return self._capturing
-
-    def _resolve_run_dir(self, trainer: pl.Trainer) -> Path:
-        if self.run_dir is None:
-            self.run_dir = Path(os.environ.get(RUN_DIR_ENV) or trainer.default_root_dir or ".")
-        return self.run_dir
-
-    def _client(self, trainer: pl.Trainer) -> CheckpointClient:
-        if self.client is None:
-            run_dir = self._resolve_run_dir(trainer)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self.client = CheckpointClient(run_dir, rendezvous_timeout=self.rendezvous_timeout)
-        return self.client
-
-    def _log_file(self, trainer: pl.Trainer) -> IO[str]:
-        if self._log is None:
-            run_dir = self._resolve_run_dir(trainer)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            self._log = (run_dir / self.log_name).open("a", encoding="utf-8")
-        return self._log
-
-    def _close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 # -- what is captured, and back ------------------------------------------------------------------
