@@ -28,6 +28,7 @@ from types import FrameType
 from ckptd.protocol import RunPaths, daemon_alive
 
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+_SAY_WAITING_AFTER_S = 2.0  # a daemon still persisting after this is worth a line
 HOOK_DIR = Path(__file__).resolve().with_name("_hook")
 METRICS_LOG = "ckptd-metrics.jsonl"  # what the hooked callback writes, in the run dir
 READY_TIMEOUT_S = 10.0
@@ -147,6 +148,29 @@ class Sidecar:
             time.sleep(0.01)
         return None
 
+    def _wait_for_stop(self, daemon: subprocess.Popen[bytes]) -> str | None:
+        """Wait for the daemon to persist and stop; the reason to stop waiting, or None.
+
+        A long persist is said once, and a signal received meanwhile (a second Ctrl-C) ends
+        the wait: the user asked twice, and nothing acked is lost by a kill."""
+        started = time.monotonic()
+        signals_before = len(self.received)
+        told = False
+        while daemon.poll() is None:
+            waited = time.monotonic() - started
+            if waited > self.stop_timeout:
+                return f"the daemon did not stop within {self.stop_timeout:g} s (--stop-timeout)"
+            if len(self.received) > signals_before:
+                return "interrupted while the daemon was persisting"
+            if not told and waited > _SAY_WAITING_AFTER_S:
+                told = True
+                say(
+                    f"waiting for the daemon to persist what the trainer handed over (up to "
+                    f"{self.stop_timeout:g} s, --stop-timeout); interrupt again to stop waiting"
+                )
+            time.sleep(0.05)
+        return None
+
     def _heartbeat_is(self, pid: int) -> bool:
         """A fresh heartbeat written by ``pid``: another daemon's, or a stale one, is not ours."""
         if not daemon_alive(self.paths):
@@ -166,15 +190,13 @@ class Sidecar:
                 say(f"the daemon had already exited with status {daemon.returncode}; see its messages above")
             return
         daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=self.stop_timeout)
-        except subprocess.TimeoutExpired:
+        why = self._wait_for_stop(daemon)
+        if why is not None:
             daemon.kill()
             daemon.wait()
             say(
-                f"the daemon did not stop within {self.stop_timeout:g} s (--stop-timeout); killed it "
-                f"(SIGKILL). Acknowledged captures still in shared memory are persisted by the next "
-                f"`ckptd run {self.run_dir}`"
+                f"{why}; killed the daemon (SIGKILL). Acknowledged captures still in shared memory "
+                f"are persisted by the next `ckptd run {self.run_dir}`"
             )
             return
         if daemon.returncode != 0:

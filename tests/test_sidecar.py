@@ -139,6 +139,27 @@ def test_a_sidecar_killed_outright_takes_its_daemon_with_it(tmp_path: Path) -> N
             proc.kill()
 
 
+def test_a_second_interrupt_ends_the_wait_for_a_stuck_daemon(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(30)"
+    proc = subprocess.Popen(sidecar(run_dir, sys.executable, "-c", child), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: RunPaths(run_dir).status.exists(), what="the daemon's heartbeat")
+        daemon_pid = json.loads(RunPaths(run_dir).status.read_bytes())["pid"]
+        os.kill(daemon_pid, signal.SIGSTOP)  # a daemon that will not stop (stuck persisting)
+        proc.send_signal(signal.SIGTERM)  # the command ends; the sidecar now waits for the daemon
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "interrupt again to stop waiting" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 143  # the command's own status (it ended on SIGTERM)
+        assert "interrupted while the daemon was persisting" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_bad_options_exit_2_and_create_nothing(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     touch = (sys.executable, "-c", f"open({str(marker)!r}, 'w')")
