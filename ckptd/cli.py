@@ -415,8 +415,13 @@ def _sidecar_summary(run_dir: Path) -> None:
     query = argparse.Namespace(run_dir=str(run_dir), store=None, json=False, metric=None, mode=None)
     store = _store_for(query)
     records = store.list()
-    persisted = _saved_status(run_dir).get("persisted")
+    status = _saved_status(run_dir)
+    persisted = status.get("persisted")
     this_run = f"; the daemon persisted {persisted} this time" if isinstance(persisted, int) else ""
+    if isinstance(status.get("last_error"), str):
+        # A watched metric the log never held (--metric eval_loss on Lightning's val_loss) is
+        # said here too, where the user looks when the run ends, not only in the daemon's log.
+        print(f"ckptd sidecar: the daemon's last error: {status['last_error']}", file=sys.stderr)
     if not records:
         print(
             f"ckptd sidecar: no checkpoint kept in {store.root}{this_run} (did the trainer log an "

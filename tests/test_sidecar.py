@@ -160,6 +160,23 @@ def test_a_second_interrupt_ends_the_wait_for_a_stuck_daemon(tmp_path: Path) -> 
             proc.kill()
 
 
+def test_the_summary_names_a_watched_metric_the_log_never_held(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    child = textwrap.dedent(
+        f"""
+        import json, time
+        with open({str(run_dir / "ckptd-metrics.jsonl")!r}, "a") as log:
+            for step in (10, 20, 30):
+                log.write(json.dumps({{"step": step, "val_loss": 1.0 / step}}) + "\\n")
+        time.sleep(2.5)
+        """
+    )
+    done = run(sidecar(run_dir, sys.executable, "-c", child))  # --metric defaults to eval_loss
+    assert done.returncode == 0, done.stderr
+    assert "the daemon's last error" in done.stderr and "eval_loss" in done.stderr, done.stderr
+    assert "val_loss" in done.stderr.split("the daemon's last error")[1], done.stderr
+
+
 def test_bad_options_exit_2_and_create_nothing(tmp_path: Path) -> None:
     run_dir, marker = tmp_path / "run", tmp_path / "marker"
     touch = (sys.executable, "-c", f"open({str(marker)!r}, 'w')")
