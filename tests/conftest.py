@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,10 +14,26 @@ from pathlib import Path
 
 import pytest
 
-from ckptd.protocol import RunPaths, daemon_alive
+from ckptd.protocol import RunPaths, daemon_alive, read_control
 
 PROGRAMS = Path(__file__).parent / "programs"
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def append_lines(log: Path, *records: dict[str, object]) -> None:
+    """What a trainer does at each log step: JSON lines appended, flushed."""
+    with log.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def verdict(paths: RunPaths) -> tuple[int, str] | None:
+    """The latest verdict in control.json as (eval step, action), or None."""
+    try:
+        control = read_control(paths.control)
+    except (FileNotFoundError, ValueError):
+        return None
+    return None if control.verdict is None else (control.verdict.eval_step, control.verdict.action)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -15,26 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from ckptd import CheckpointClient
 from ckptd.protocol import PROTOCOL_VERSION, RunPaths, atomic_write_json, pending_ack_paths, read_control
 from ckptd.store import TMP_PREFIX, Store
-from tests.conftest import PROGRAMS, wait_for
+from tests.conftest import PROGRAMS, append_lines, verdict, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def append_lines(log: Path, *records: dict[str, object]) -> None:
-    with log.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
-def verdict(paths: RunPaths) -> tuple[int, str] | None:
-    try:
-        control = read_control(paths.control)
-    except (FileNotFoundError, ValueError):
-        return None
-    return None if control.verdict is None else (control.verdict.eval_step, control.verdict.action)
 
 
 def status(run: Path) -> dict[str, object]:
@@ -392,10 +380,6 @@ def test_issue7_15_a_watched_metric_that_never_appears_is_named(
 def test_a_restart_asks_again_for_a_snapshot_the_trainer_had_not_captured(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
-    import torch
-
-    from ckptd import CheckpointClient
-
     run = tmp_path / "run"
     run.mkdir()
     log, paths = run / "logging.jsonl", RunPaths(run)
@@ -435,10 +419,6 @@ def test_a_line_logged_while_the_daemon_was_down_is_judged_at_restart(
 def test_a_periodic_capture_of_the_best_step_is_ranked_after_a_restart(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
-    import torch
-
-    from ckptd import CheckpointClient
-
     run = tmp_path / "run"
     run.mkdir()
     log, paths = run / "logging.jsonl", RunPaths(run)
@@ -563,10 +543,6 @@ def test_two_criteria_on_separate_lines_at_one_step_give_one_capture_with_both(
 def test_a_best_stands_through_a_later_skip_until_the_trainer_captures_it(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
-    import torch
-
-    from ckptd import CheckpointClient
-
     run = tmp_path / "run"
     run.mkdir()
     paths = RunPaths(run)
@@ -617,10 +593,6 @@ def test_a_line_equal_to_an_earlier_one_is_judged_again(tmp_path: Path, daemons,
 def test_a_resumed_trainer_relogging_an_uncaptured_best_is_asked_for_it(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
-    import torch
-
-    from ckptd import CheckpointClient
-
     run = tmp_path / "run"
     run.mkdir()
     paths = RunPaths(run)

@@ -22,7 +22,7 @@ import torch
 from ckptd import load_snapshot
 from ckptd.protocol import RunPaths, daemon_alive, pending_ack_paths, read_control
 from ckptd.store import TMP_PREFIX, Store
-from tests.conftest import PROGRAMS, wait_for
+from tests.conftest import PROGRAMS, append_lines, verdict, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +36,6 @@ def run_trainer(run_dir: Path, *args: str, timeout: float = 120) -> dict[str, ob
     )
     assert done.returncode == 0, done.stderr
     return json.loads((run_dir / "trainer-summary.json").read_text())
-
-
-def append_lines(log: Path, *records: dict[str, object]) -> None:
-    with log.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
 
 
 def test_best_eval_step_is_retained_bit_identical_with_exactly_best_plus_last_n(
@@ -154,7 +148,7 @@ def test_restart_remembers_the_best_and_never_reissues_verdicts(
     log, paths = run / "logging.jsonl", RunPaths(run)
     first = daemons(run)
     append_lines(log, {"step": 50, "eval_loss": 1.0}, {"step": 100, "eval_loss": 0.5})
-    wait_for(lambda: _verdict(paths) == (100, "snapshot"), what="verdict for step 100")
+    wait_for(lambda: verdict(paths) == (100, "snapshot"), what="verdict for step 100")
     asked = read_control(paths.control)
     assert first.stop() == 0
 
@@ -167,9 +161,9 @@ def test_restart_remembers_the_best_and_never_reissues_verdicts(
     assert control.standing is not None and asked.standing is not None
     assert control.standing.verdict == asked.verdict and control.standing.written == asked.standing.written
     append_lines(log, {"step": 150, "eval_loss": 0.7})
-    wait_for(lambda: _verdict(paths) == (150, "skip"), what="verdict for step 150")
+    wait_for(lambda: verdict(paths) == (150, "skip"), what="verdict for step 150")
     append_lines(log, {"step": 200, "eval_loss": 0.4})
-    wait_for(lambda: _verdict(paths) == (200, "snapshot"), what="verdict for step 200")
+    wait_for(lambda: verdict(paths) == (200, "snapshot"), what="verdict for step 200")
     assert second.stop() == 0
     state = json.loads(paths.state.read_text())
     assert state["bests"]["eval_loss"] == {"step": 200, "value": 0.4}
@@ -185,7 +179,7 @@ def test_late_daemon_catches_up_on_history_without_judging_it(
     daemon = daemons(run)
     assert read_control(paths.control).verdict is None
     append_lines(log, {"step": 150, "eval_loss": 0.35})
-    wait_for(lambda: _verdict(paths) == (150, "skip"), what="verdict for step 150")
+    wait_for(lambda: verdict(paths) == (150, "skip"), what="verdict for step 150")
     assert "0.3 @50" in read_control(paths.control).verdict.reason  # the best came from history
     assert daemon.stop() == 0
 
@@ -202,9 +196,9 @@ def test_bad_lines_and_nan_never_stop_the_daemon_nor_become_best(
         handle.write(b'{"step": 60, "eval_loss": \n')  # truncated JSON
         handle.write(b"\xff\xfe not utf-8\n")
         handle.write(b'{"step": 100, "eval_loss": NaN}\n')
-    wait_for(lambda: _verdict(paths) == (100, "skip"), what="verdict for the NaN eval")
+    wait_for(lambda: verdict(paths) == (100, "skip"), what="verdict for the NaN eval")
     append_lines(log, {"step": 150, "eval_loss": 0.4})
-    wait_for(lambda: _verdict(paths) == (150, "snapshot"), what="a real best after the bad lines")
+    wait_for(lambda: verdict(paths) == (150, "snapshot"), what="a real best after the bad lines")
 
     def status_caught_up() -> bool:  # status.json is a heartbeat: wait for the beat after step 150
         status = json.loads(paths.status.read_text())
@@ -246,14 +240,6 @@ def test_a_stopped_daemon_releases_waiting_clients_at_once(tmp_path: Path, daemo
         started = time.monotonic()
         assert client.wait_verdict(50, timeout=2.0) is None
         assert time.monotonic() - started < 0.5
-
-
-def _verdict(paths: RunPaths) -> tuple[int, str] | None:
-    try:
-        verdict = read_control(paths.control).verdict
-    except FileNotFoundError:
-        return None
-    return None if verdict is None else (verdict.eval_step, verdict.action)
 
 
 def test_importing_the_daemon_and_cli_never_imports_torch() -> None:
@@ -333,7 +319,7 @@ def test_daemon_follows_hf_tensorboard_runs_into_a_new_run_folder(
         [sys.executable, "-c", writer_code, str(run / "runs" / "Nov28_resumed")], timeout=60
     )
     assert done.returncode == 0
-    wait_for(lambda: _verdict(paths) == (220, "snapshot"), what="the verdict on the new run folder")
+    wait_for(lambda: verdict(paths) == (220, "snapshot"), what="the verdict on the new run folder")
     assert daemon.stop() == 0
 
 
