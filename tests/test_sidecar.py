@@ -25,7 +25,9 @@ from ckptd.protocol import RunPaths
 from ckptd.sidecar import HOOK_DIR
 from tests.conftest import PROGRAMS, Daemon, wait_for
 
-pytestmark = pytest.mark.slow
+# Every test stages in its own shm folder (CKPTD_SHM_ROOT), removed afterwards: daemons killed
+# on purpose here must not leave staging dirs in the real /dev/shm.
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shm_root")]
 
 CHILD = str(PROGRAMS / "sidecar_child.py")
 ROOT = Path(__file__).resolve().parent.parent
