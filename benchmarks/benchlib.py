@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ckptd.protocol import RunPaths
+from ckptd.protocol import RunPaths, daemon_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,6 +102,17 @@ def daemon_status(paths: RunPaths) -> dict[str, Any]:
         return json.loads(paths.status.read_bytes())
     except (OSError, ValueError):
         return {}
+
+
+def start_daemon(argv: list[str], run: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """A ``ckptd run`` subprocess, returned once its heartbeat shows (30 s at most)."""
+    daemon = subprocess.Popen(argv, env=env, cwd=cwd)
+    deadline = time.monotonic() + 30
+    while not daemon_alive(RunPaths(run)):
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise SystemExit("the daemon did not start")
+        time.sleep(0.01)
+    return daemon
 
 
 @contextlib.contextmanager

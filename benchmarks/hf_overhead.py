@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 import hf_tiny  # noqa: E402
 import torch  # noqa: E402
+from benchlib import start_daemon  # noqa: E402
 
 from ckptd.integrations.hf import CkptdCallback  # noqa: E402
-from ckptd.protocol import RunPaths, daemon_alive  # noqa: E402
 from ckptd.store import Store  # noqa: E402
 
 LOG = "ckptd-metrics.jsonl"
@@ -52,16 +51,8 @@ def train_once(folder: Path, max_steps: int, with_ckptd: bool) -> dict[str, Any]
     (folder / "shm").mkdir(exist_ok=True)
     trainer = hf_tiny.trainer(run, max_steps=max_steps)
     if with_ckptd:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "ckptd", "run", str(run), "--log", LOG, "--metric", "eval_loss", "-q"],
-            env=env,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 30
-        while not daemon_alive(RunPaths(run)):
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("the daemon did not start")
-            time.sleep(0.01)
+        argv = [sys.executable, "-m", "ckptd", "run", str(run), "--log", LOG, "--metric", "eval_loss", "-q"]
+        daemon = start_daemon(argv, run, env, ROOT)
         trainer.add_callback(CkptdCallback(run))
     start = time.perf_counter()
     trainer.train()

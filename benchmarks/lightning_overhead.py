@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import lightning_tiny  # noqa: E402
 import torch  # noqa: E402
+from benchlib import start_daemon  # noqa: E402
 
 from ckptd.integrations.lightning import CkptdCallback  # noqa: E402
-from ckptd.protocol import RunPaths, daemon_alive  # noqa: E402
 from ckptd.store import Store  # noqa: E402
 
 LOG = "ckptd-metrics.jsonl"
@@ -79,16 +78,7 @@ def train_once(folder: Path, options: argparse.Namespace, with_ckptd: bool) -> d
     if with_ckptd:
         schedule = ["--every-steps", str(options.every_steps)] if options.every_steps else []
         argv = [sys.executable, "-m", "ckptd", "run", str(run), "--log", LOG, "--metric", "val_loss"]
-        daemon = subprocess.Popen(
-            [*argv, "-q", *schedule],
-            env=env,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 30
-        while not daemon_alive(RunPaths(run)):
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise SystemExit("the daemon did not start")
-            time.sleep(0.01)
+        daemon = start_daemon([*argv, "-q", *schedule], run, env, ROOT)
         callback = TimedCallback(run)
         callbacks.append(callback)
     trainer = lightning_tiny.trainer(

@@ -25,6 +25,16 @@ from tests.conftest import PROGRAMS, append_lines, verdict, wait_for
 pytestmark = pytest.mark.slow
 
 
+def write_scheduled_ack(run: Path, step: int, slot: str, files: dict[str, int]) -> Path:
+    """An ack as a trainer writes it for a scheduled capture, naming ``slot`` (which the test
+    makes, or not, as it likes); returns where its ``.rejected`` copy would appear."""
+    ack = {"protocol": PROTOCOL_VERSION, "name": f"step-{step}", "captured_step": step}
+    atomic_write_json(
+        RunPaths(run).acks / f"step-{step}.json", {**ack, "slot": slot, "files": files, "created": 1.0}
+    )
+    return RunPaths(run).acks / f"step-{step}.json.rejected"
+
+
 def status(run: Path) -> dict[str, object]:
     return json.loads(RunPaths(run).status.read_text())
 
@@ -275,16 +285,8 @@ def test_issue7_08_an_ack_whose_slot_is_gone_is_set_aside_after_a_few_tries(
     run = tmp_path / "run"
     run.mkdir()
     daemon = daemons(run)
-    ack = {
-        "protocol": PROTOCOL_VERSION,
-        "name": "step-4",
-        "captured_step": 4,
-        "slot": "slot-1",
-        "files": {"tensors.safetensors": 1024},
-        "created": 1.0,
-    }
-    atomic_write_json(RunPaths(run).acks / "step-4.json", ack)
-    wait_for(lambda: (RunPaths(run).acks / "step-4.json.rejected").exists(), timeout=15, what="set aside")
+    rejected = write_scheduled_ack(run, 4, "slot-1", {"tensors.safetensors": 1024})  # no such slot
+    wait_for(rejected.exists, timeout=15, what="set aside")
     assert "3 tries" in str(status(run)["last_error"]) or "3 tries" in daemon.log()
     assert Store(run / "checkpoints").list() == []
     assert daemon.stop() == 0
@@ -462,16 +464,8 @@ def test_a_slot_that_links_outside_is_never_copied(tmp_path: Path, daemons, shm_
     slot = shm_root / f"ckptd-{run_id}" / "slot-7"
     slot.mkdir(parents=True)
     (slot / "tensors.safetensors").symlink_to(secret)
-    ack = {
-        "protocol": PROTOCOL_VERSION,
-        "name": "step-5",
-        "captured_step": 5,
-        "slot": "slot-7",
-        "files": {"tensors.safetensors": 100},
-        "created": 1.0,
-    }
-    atomic_write_json(RunPaths(run).acks / "step-5.json", ack)
-    wait_for(lambda: (RunPaths(run).acks / "step-5.json.rejected").exists(), timeout=15, what="set aside")
+    rejected = write_scheduled_ack(run, 5, "slot-7", {"tensors.safetensors": 100})
+    wait_for(rejected.exists, timeout=15, what="set aside")
     assert Store(run / "checkpoints").list() == []
     assert daemon.stop() == 0
     assert secret.exists()
