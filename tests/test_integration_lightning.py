@@ -131,6 +131,9 @@ def test_best_validation_step_is_kept_with_the_validated_weights(
 
     state = load_snapshot(store.path_of(best.name))
     assert state["global_step"] == best_step
+    # A best off the schedule holds the weights, not Adam's two moments per weight.
+    assert "optimizer_states" not in state and "state_dict" in state
+    assert "optimizer_states" in load_snapshot(store.path_of(kept[32].name))
     model = lightning_tiny.model(seed=1)
     model.load_state_dict(state["state_dict"])
     assert_same_weights(model.state_dict(), seen.weights[best_step])

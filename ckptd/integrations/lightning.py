@@ -13,9 +13,13 @@ that were validated. Lightning's ``CSVLogger`` writes its validation row late (a
 flush), so following ``metrics.csv`` makes each rendezvous wait; this line is written at once.
 After every optimizer step it lets a scheduled capture (``--every-steps``) happen.
 
-What is captured, best or scheduled, is the checkpoint dictionary ``Trainer.save_checkpoint``
-writes (``dump_checkpoint(weights_only=False)``: the weights under ``"state_dict"``, optimizer
-and LR scheduler states, loops, callbacks' states, hyperparameters), so::
+A scheduled ("last") capture is the checkpoint dictionary ``Trainer.save_checkpoint`` writes
+(``dump_checkpoint(weights_only=False)``: the weights under ``"state_dict"``, optimizer and LR
+scheduler states, loops, callbacks' states, hyperparameters). A best is the same dictionary
+``save_checkpoint(weights_only=True)`` writes: the module's state dict with what
+``load_from_checkpoint`` needs (hyperparameters, global step), no optimizer state, which with
+Adam is twice the weights and no use to a kept best. A best the schedule also captures is one
+capture, the full one. So::
 
     state = ckptd.load_snapshot(best_dir)
     model.load_state_dict(state["state_dict"])          # the validated weights, bit-identical
@@ -132,10 +136,12 @@ class CkptdCallback(pl.Callback):
         handle.write(json.dumps({"step": step, **_scalars(trainer.callback_metrics)}) + "\n")
         handle.flush()  # the daemon can only judge what reached the file
         client = self.link.client(trainer.default_root_dir)
-        if client.wait_verdict(step) is not None and self._can_capture(trainer):
-            # A best is captured now, with the weights that were just validated.
-            return client.maybe_snapshot(step, lambda: checkpoint_state(trainer))
-        return False
+        if client.wait_verdict(step) is None or not self._can_capture(trainer):
+            return False
+        # A best is captured now, with the weights that were just validated; whole when the
+        # schedule wants this step too, so that one capture serves both.
+        weights_only = not self.link.on_schedule(step)
+        return client.maybe_snapshot(step, lambda: checkpoint_state(trainer, weights_only=weights_only))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.link.close()
@@ -160,9 +166,10 @@ class CkptdCallback(pl.Callback):
 # -- what is captured, and back ------------------------------------------------------------------
 
 
-def checkpoint_state(trainer: pl.Trainer) -> dict[str, Any]:
-    """The dictionary ``trainer.save_checkpoint`` would write now, in a form a snapshot holds."""
-    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+def checkpoint_state(trainer: pl.Trainer, *, weights_only: bool = False) -> dict[str, Any]:
+    """The dictionary ``trainer.save_checkpoint(weights_only=...)`` would write now, in a form a
+    snapshot holds."""
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=weights_only)
     stored: dict[str, Any] = _storable(checkpoint)
     return stored
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from ckptd.client import CheckpointClient
+from ckptd.protocol import RunPaths, read_control
 
 RUN_DIR_ENV = "CKPTD_RUN_DIR"  # set by `ckptd sidecar` for every process of its command
 
@@ -46,6 +47,17 @@ class RunLink:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._log = (run_dir / self.log_name).open("a", encoding="utf-8")
         return self._log
+
+    def on_schedule(self, step: int) -> bool:
+        """Whether the daemon's schedule (``--every-steps``) captures ``step``; False while no
+        daemon has written its control file (or while one is being replaced)."""
+        if self.run_dir is None:
+            return False
+        try:
+            every = read_control(RunPaths(self.run_dir).control).every_steps
+        except (OSError, ValueError):
+            return False
+        return every is not None and step > 0 and step % every == 0
 
     def flush(self) -> None:
         """The daemon can only judge what reached the file."""
