@@ -263,6 +263,9 @@ class Ack:
     # framework's own name (model.safetensors) for a snapshot in a framework's layout.
     token_file: str = "tensors.safetensors"
     created: float = field(default_factory=time.time)
+    # Split ``token_file`` into shards of at most this many bytes (plus an index) when it
+    # is stored, as save_pretrained(max_shard_size=...) does; None: keep it one file.
+    shard_bytes: int | None = None
 
     @staticmethod
     def name_for(seq: int | None, step: int) -> str:
@@ -289,6 +292,7 @@ class Ack:
             "token": self.token,
             "token_file": self.token_file,
             "created": self.created,
+            "shard_bytes": self.shard_bytes,
         }
 
     @classmethod
@@ -307,6 +311,9 @@ class Ack:
         token_file = fields.text("token_file", "tensors.safetensors")
         if token and token_file not in files:
             raise fields.error("token_file", "one of the ack's files")
+        shard_bytes = fields.optional_count("shard_bytes")  # absent in acks of older clients
+        if shard_bytes is not None and (shard_bytes < 1 or token_file not in files):
+            raise fields.error("shard_bytes", "an integer >= 1, with a token_file among the files")
         return cls(
             name=name,
             captured_step=fields.count("captured_step"),
@@ -320,6 +327,7 @@ class Ack:
             token=token,
             token_file=token_file,
             created=fields.number("created"),
+            shard_bytes=shard_bytes,
         )
 
 
@@ -398,3 +406,4 @@ def metrics_from_json(raw: object) -> dict[str, float]:
     if not isinstance(raw, dict):
         return {}
     return {str(k): v for k, v in ((k, metric_value(v)) for k, v in raw.items()) if v is not None}
+

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ckptd.errors import ProtocolError
 from ckptd.protocol import RunPaths, pending_ack_paths, read_ack
@@ -82,17 +83,31 @@ def read_slot_token(slot_dir: Path, tensors_file: str = TENSORS_FILE) -> str | N
     try:
         fd = os.open(slot_dir / tensors_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                return None
-            (length,) = struct.unpack("<Q", prefix)
-            if length == 0 or length > MAX_HEADER_BYTES or length > size - 8:
-                return None
-            raw = handle.read(length)
-    except OSError:
+            raw = read_header_bytes(handle, os.fstat(handle.fileno()).st_size)
+    except (OSError, ValueError):
         return None
     return _token_of(raw)
+
+
+def read_header_bytes(handle: BinaryIO, valid: int) -> bytes:
+    """The JSON header of the safetensors file open as ``handle``, read from its start.
+
+    ``valid`` is how many bytes of the file count (a slot file is longer than its capture).
+    Only the 8-byte length and the header are read, never the data; a length of 0 (a writer
+    invalidated the header), above ``MAX_HEADER_BYTES`` or past ``valid`` is a ``ValueError``.
+    """
+    prefix = handle.read(8)
+    if len(prefix) < 8 or valid < 8:
+        raise ValueError("shorter than the 8-byte header length")
+    (length,) = struct.unpack("<Q", prefix)
+    if length == 0:
+        raise ValueError("header length 0 (invalidated while being rewritten?)")
+    if length > MAX_HEADER_BYTES or length > valid - 8:
+        raise ValueError(f"header length {length} exceeds the file ({valid} bytes) or {MAX_HEADER_BYTES}")
+    raw = handle.read(length)
+    if len(raw) < length:
+        raise ValueError(f"ends inside its {length}-byte header")
+    return raw
 
 
 def _token_of(raw: bytes) -> str | None:

@@ -21,9 +21,9 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,6 +48,7 @@ _CHUNK = 16 << 20
 # Store has a method called list: inside its body, list[...] would name the method.
 Names = list[str]
 Paths = list[Path]
+Ranges = Sequence[tuple[int, int]]  # [start, end) byte ranges of a source file, in order
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-sha256")
 
 
@@ -72,18 +73,44 @@ class PendingCheckpoint:
 
     def copy_in(self, name: str, source: Path, nbytes: int) -> FileDigest:
         """Copy the first ``nbytes`` of ``source`` into the checkpoint as ``name``, hashing as it goes."""
+        return self._write(name, b"", source, [(0, nbytes)] if nbytes else [])
+
+    def write_shard(self, name: str, header: bytes, source: Path, ranges: Ranges) -> FileDigest:
+        """Write ``name`` as ``header`` (a safetensors header) followed by the byte ``ranges``
+        ``[start, end)`` of ``source``, in order: one shard cut out of a slot's tensors file."""
+        return self._write(name, header, source, ranges)
+
+    def add_file(self, name: str, content: bytes) -> FileDigest:
+        """Write ``content`` as ``name`` (a small file made here, such as a shard index)."""
+        return self._write(name, content, None, [])
+
+    def _write(self, name: str, head: bytes, source: Path | None, ranges: Ranges) -> FileDigest:
+        """The one way a file enters a checkpoint: ``head``, then ``ranges`` of ``source``,
+        hashed as written, fsynced; recorded for the manifest."""
         target = self.directory / _plain(name)
-        digest = hashlib.sha256()
-        with _open_regular(source) as src, target.open("xb") as dst:
-            size = os.fstat(src.fileno()).st_size
-            if size < nbytes:
-                raise StoreError(source, f"ends after {size} of {nbytes} bytes")
-            if nbytes:
-                _copy_hashing(src.fileno(), nbytes, dst, digest)
+        digest = hashlib.sha256(head)
+        # The source is opened first: one that is missing or a link leaves no file behind.
+        with _open_regular(source) if source else nullcontext() as src, target.open("xb") as dst:
+            dst.write(head)
+            if src is not None and source is not None:
+                _copy_ranges(src.fileno(), source, ranges, dst, digest)
             dst.flush()
             os.fsync(dst.fileno())
+        nbytes = len(head) + sum(end - start for start, end in ranges)
         self.files[name] = FileDigest(nbytes, digest.hexdigest())
         return self.files[name]
+
+
+def _copy_ranges(fd: int, source: Path, ranges: Ranges, dst: BinaryIO, digest: Any) -> None:
+    """Copy each ``[start, end)`` of ``fd`` to ``dst`` through ``digest``; the source must hold them."""
+    if any(not 0 <= start <= end for start, end in ranges):
+        raise StoreError(source, f"bad byte ranges {list(ranges)[:4]}")
+    needed = max((end for _, end in ranges), default=0)
+    size = os.fstat(fd).st_size
+    if size < needed:
+        raise StoreError(source, f"ends after {size} of {needed} bytes")
+    if needed:
+        _copy_hashing(fd, needed, ranges, dst, digest)
 
 
 def _open_regular(path: Path) -> BinaryIO:
@@ -101,8 +128,9 @@ def _open_regular(path: Path) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _copy_hashing(fd: int, nbytes: int, dst: BinaryIO, digest: Any) -> None:
-    """Write straight from a mapping of the source while another thread hashes the same bytes.
+def _copy_hashing(fd: int, nbytes: int, ranges: Ranges, dst: BinaryIO, digest: Any) -> None:
+    """Write ``ranges`` straight from a mapping of the source's first ``nbytes`` while another
+    thread hashes the same bytes.
 
     Both ``write`` and ``sha256.update`` release the GIL on large buffers, so hashing
     overlaps the disk instead of following it, and the mapping spares a read copy.
@@ -110,13 +138,14 @@ def _copy_hashing(fd: int, nbytes: int, dst: BinaryIO, digest: Any) -> None:
     # Every view is released, and the hash finished, before the mapping closes, also when
     # the write fails (a full disk): else closing the mapping raises over the real error.
     with mmap.mmap(fd, nbytes, prot=mmap.PROT_READ) as mapped, memoryview(mapped) as view:
-        for offset in range(0, nbytes, _CHUNK):
-            with view[offset : offset + _CHUNK] as chunk:
-                hashing = _HASHER.submit(digest.update, chunk)
-                try:
-                    dst.write(chunk)
-                finally:
-                    hashing.result()
+        for start, end in ranges:
+            for offset in range(start, end, _CHUNK):
+                with view[offset : min(offset + _CHUNK, end)] as chunk:
+                    hashing = _HASHER.submit(digest.update, chunk)
+                    try:
+                        dst.write(chunk)
+                    finally:
+                        hashing.result()
 
 
 class Store:

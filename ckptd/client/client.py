@@ -63,6 +63,7 @@ class _Payload:
     files: Mapping[str, bytes]
     data_file: str  # the safetensors file, which carries the token
     metadata: Mapping[str, str]
+    shard_bytes: int | None = None  # the daemon shards data_file above this (an Export's bound)
 
     @classmethod
     def of(cls, state: Any, step: int) -> _Payload:
@@ -71,7 +72,8 @@ class _Payload:
         Raises ``UnsupportedLeafError`` for what cannot be stored."""
         if isinstance(state, Export):
             files = {name: bytes(content) for name, content in state.files.items()}
-            return cls(export_tensors(state), files, state.tensors_file, dict(state.metadata))
+            tensors = export_tensors(state)
+            return cls(tensors, files, state.tensors_file, dict(state.metadata), state.max_shard_bytes)
         tensors, skeleton = flatten_state(state)
         files = {STRUCTURE_FILE: encode_structure(skeleton, step)}
         return cls(tensors, files, TENSORS_FILE, {"format": "ckptd"})
@@ -453,6 +455,7 @@ class CheckpointClient:
                 metrics=dict(verdict.metrics) if verdict else {},
                 token=token,
                 token_file=payload.data_file,
+                shard_bytes=payload.shard_bytes,
             ),
         )
         return True

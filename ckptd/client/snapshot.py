@@ -165,12 +165,18 @@ class Export:
 
     Two names may not share a tensor's bytes (tied weights): safetensors has no aliasing, so
     keep one name per storage, as the framework's ``save`` does.
+
+    ``max_shard_bytes`` asks the daemon to store ``tensors_file`` as shards of at most that many
+    bytes plus an index (``model-00001-of-00002.safetensors``, ``model.safetensors.index.json``)
+    when it does not fit one, as ``save_pretrained(max_shard_size=...)`` does. The slot stays
+    one file: the trainer's copy is the same either way.
     """
 
     tensors: Mapping[str, torch.Tensor]
     tensors_file: str = "model.safetensors"
     files: Mapping[str, bytes] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=lambda: {"format": "pt"})
+    max_shard_bytes: int | None = None
 
 
 def export_tensors(export: Export) -> list[tuple[str, torch.Tensor]]:
@@ -186,6 +192,7 @@ def export_tensors(export: Export) -> list[tuple[str, torch.Tensor]]:
             raise UnsupportedLeafError(f"files/{name}", content, "is also the tensors_file")
         if not isinstance(content, (bytes, bytearray, memoryview)):
             raise UnsupportedLeafError(f"files/{name}", content, "file contents must be bytes")
+    _check_shard_bound(export)
     for key, value in export.metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise UnsupportedLeafError(f"metadata/{key}", value, "metadata keys and values must be str")
@@ -205,6 +212,26 @@ def export_tensors(export: Export) -> list[tuple[str, torch.Tensor]]:
         tensors.append((name, tensor.detach().resolve_conj().resolve_neg()))
     _refuse_shared(tensors)
     return tensors
+
+
+def _check_shard_bound(export: Export) -> None:
+    """``max_shard_bytes`` is a byte count an ack can carry, and no file is named like a shard."""
+    bound = export.max_shard_bytes
+    if bound is None:
+        return
+    if not isinstance(bound, int) or isinstance(bound, bool) or not 1 <= bound < 2**63:
+        raise UnsupportedLeafError(
+            "max_shard_bytes", bound, "max_shard_bytes must be an int >= 1 (bytes) or None"
+        )
+    # The daemon names the shards and the index after tensors_file: a file of the export
+    # holding one of those names would be refused there, long after this capture.
+    stem = re.escape(export.tensors_file.removesuffix(".safetensors"))
+    shard = re.compile(rf"{stem}-\d{{5}}-of-\d{{5}}\.safetensors|{stem}\.safetensors\.index\.json")
+    for name in export.files:
+        if shard.fullmatch(name):
+            raise UnsupportedLeafError(
+                f"files/{name}", name, "is named like a shard of tensors_file or its index"
+            )
 
 
 def _check_export_name(name: object, where: str, value: object) -> None:

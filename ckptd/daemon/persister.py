@@ -16,12 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd.errors import SnapshotError
+from ckptd.errors import ProtocolError, SnapshotError
 from ckptd.policy import PreservationPolicy, plan_deletions
 from ckptd.protocol import Ack
 from ckptd.records import CheckpointRecord
+from ckptd.shards import ShardPlan, plan_shards, read_header
 from ckptd.staging import read_slot_token
-from ckptd.store import Store
+from ckptd.store import PendingCheckpoint, Store
 
 log = logging.getLogger("ckptd.daemon")
 
@@ -130,11 +131,23 @@ class Persister:
         slot = self.staging / ack.slot
         self._check_slot(ack, slot)
         with self.store.writing(ack.captured_step) as pending:
-            for name, nbytes in sorted(ack.files.items()):
-                pending.copy_in(name, slot / name, nbytes)
+            self._copy_files(ack, slot, pending)
             # Checked again after the copy: a writer that touched the slot meanwhile changed it.
             self._check_slot(ack, slot)
             return self.store.commit(pending, self._manifest(job))
+
+    @staticmethod
+    def _copy_files(ack: Ack, slot: Path, pending: PendingCheckpoint) -> None:
+        """Every file of the slot into ``pending``; the tensors file as shards and an index
+        when the ack asks for shards and it does not fit one."""
+        plan = _shard_plan(ack, slot)
+        for name, nbytes in sorted(ack.files.items()):
+            if plan is not None and name == ack.token_file:
+                for shard in plan.shards:
+                    pending.write_shard(shard.name, shard.header, slot / name, shard.ranges)
+                pending.add_file(plan.index_name, plan.index)
+            else:
+                pending.copy_in(name, slot / name, nbytes)
 
     def _manifest(self, job: Job) -> dict[str, object]:
         ack = job.ack
@@ -179,3 +192,26 @@ class Persister:
             ):
                 return record
         return None
+
+
+def _shard_plan(ack: Ack, slot: Path) -> ShardPlan | None:
+    """How to shard the ack's tensors file (None: copy it as it is).
+
+    Read after the first slot check, whose token proved the header whole; a header that is
+    malformed (the slot is the trainer's, not ours to trust), names another capture, or whose
+    shard names collide with the ack's other files will not heal: the slot is lost.
+    """
+    if ack.shard_bytes is None:
+        return None
+    source = slot / ack.token_file
+    try:
+        header = read_header(source, ack.files[ack.token_file])
+        if ack.token and header.metadata.get("token") != ack.token:
+            raise ProtocolError(source, "holds another capture than the ack (token mismatch)")
+        plan = plan_shards(header, ack.token_file, ack.shard_bytes)
+        taken = set(ack.files) & {plan.index_name, *(s.name for s in plan.shards)} if plan else set()
+        if taken:
+            raise ProtocolError(source, f"its shards would replace the ack's own {sorted(taken)}")
+    except ProtocolError as exc:
+        raise SlotLost(f"cannot shard {source}: {exc.problem}") from exc
+    return plan

@@ -10,12 +10,13 @@ Every ``Trainer.log`` call becomes one JSON line ``{"step": global_step, **logs}
 has logged just before ``on_evaluate``) the callback waits, bounded, for the daemon's verdict,
 and when the eval is a new best it captures the weights right there, before the next
 optimizer step: the checkpoint holds exactly the weights that were evaluated. The checkpoint
-is what ``save_pretrained`` writes (``model.safetensors`` without tied duplicates,
-``config.json``, ``generation_config.json``, the tokenizer or processor files), so
-``AutoModel*.from_pretrained(best_dir)`` loads it; for a ``peft.PeftModel`` it is the adapter
-(``adapter_model.safetensors``, ``adapter_config.json``) that ``PeftModel.from_pretrained(base,
-best_dir)`` loads. With no daemon running, the callback costs an ``os.stat`` per step and
-one line per log.
+is what ``save_pretrained`` writes (``model.safetensors`` without tied duplicates, or above
+``max_shard_size`` its shards and ``model.safetensors.index.json``, cut by the daemon from the
+one file the trainer staged; ``config.json``, ``generation_config.json``, the tokenizer or
+processor files), so ``AutoModel*.from_pretrained(best_dir)`` loads it; for a
+``peft.PeftModel`` it is the adapter (``adapter_model.safetensors``, ``adapter_config.json``)
+that ``PeftModel.from_pretrained(base, best_dir)`` loads. With no daemon running, the
+callback costs an ``os.stat`` per step and one line per log.
 
 A scheduled capture (``ckptd run --every-steps N``, taken at the step's end) is a full
 ``Trainer`` checkpoint: the same weights and files plus ``optimizer.pt``, ``scheduler.pt``,
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import io
 import json
 import logging
@@ -56,6 +58,7 @@ from ckptd.client import CheckpointClient, Export
 from ckptd.client.collective import agree
 from ckptd.integrations.link import RunLink
 from ckptd.protocol import read_control
+from ckptd.shards import parse_size
 
 log = logging.getLogger("ckptd.integrations.hf")
 
@@ -67,6 +70,8 @@ SCHEDULER_FILE = "scheduler.pt"  # SCHEDULER_NAME
 SCALER_FILE = "scaler.pt"  # SCALER_NAME
 TRAINER_STATE_FILE = "trainer_state.json"  # TRAINER_STATE_NAME
 TRAINING_ARGS_FILE = "training_args.bin"  # TRAINING_ARGS_NAME
+# save_pretrained's max_shard_size default in transformers 5.x, should its signature not say.
+_SHARD_SIZE_FALLBACK = "50GB"
 
 
 class CkptdCallback(TrainerCallback):
@@ -75,6 +80,9 @@ class CkptdCallback(TrainerCallback):
     ``run_dir`` is the daemon's RUN_DIR: by default ``$CKPTD_RUN_DIR``, else the Trainer's
     ``output_dir``. ``log_name`` is the log inside it (give the daemon ``--log`` the same).
     ``rendezvous_timeout`` bounds the wait for a verdict after each eval, in seconds.
+    ``max_shard_size`` is ``save_pretrained``'s: weights above it are stored as shards plus
+    ``model.safetensors.index.json`` (bytes, or a string such as ``"5GB"``); by default the
+    installed transformers' own default. A PEFT adapter stays one file, as PEFT saves it.
     """
 
     def __init__(
@@ -83,8 +91,13 @@ class CkptdCallback(TrainerCallback):
         *,
         log_name: str = "ckptd-metrics.jsonl",
         rendezvous_timeout: float = 2.0,
+        max_shard_size: int | str | None = None,
     ) -> None:
         self.link = RunLink(run_dir, log_name, rendezvous_timeout)
+        # Parsed now: a bad size is the user's mistake to see at once, not at the first best.
+        self.max_shard_bytes = parse_size(
+            _save_pretrained_shard_size() if max_shard_size is None else max_shard_size
+        )
         self._prepared = False
         self._training = False
         self._side_files: dict[str, bytes] | None = None  # config, tokenizer...: fixed for a run
@@ -201,7 +214,9 @@ class CkptdCallback(TrainerCallback):
             self._side_files = _side_files(model, _processing_class(kwargs or {}))
         if _is_peft(model):
             return Export(_adapter_tensors(model), ADAPTER_FILE, self._side_files, {"format": "pt"})
-        return Export(_model_tensors(model), MODEL_FILE, self._side_files, {"format": "pt"})
+        return Export(
+            _model_tensors(model), MODEL_FILE, self._side_files, {"format": "pt"}, self.max_shard_bytes
+        )
 
     def periodic_state(
         self,
@@ -240,9 +255,20 @@ class CkptdCallback(TrainerCallback):
         files[TRAINER_STATE_FILE] = _trainer_state_json(state, control)
         if args is not None:
             files[TRAINING_ARGS_FILE] = _saved(args)
-        return Export(export.tensors, export.tensors_file, files, dict(export.metadata))
+        return dataclasses.replace(export, files=files)  # sharded as the best is, as the Trainer saves
 
     # -- plumbing --------------------------------------------------------------------------
+
+
+def _save_pretrained_shard_size() -> int | str:
+    """The default ``max_shard_size`` of the installed ``save_pretrained`` ("50GB" in transformers 5.x)."""
+    try:
+        default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+    except (KeyError, TypeError, ValueError):  # a transformers without the parameter
+        return _SHARD_SIZE_FALLBACK
+    return (
+        default if isinstance(default, (int, str)) and not isinstance(default, bool) else _SHARD_SIZE_FALLBACK
+    )
 
 
 def _on_schedule(client: CheckpointClient, step: int) -> bool:
