@@ -2,7 +2,9 @@
 
 The public trainer-side API is ``CheckpointClient``, ``Export`` and ``load_snapshot``. They are
 imported lazily so that ``import ckptd.daemon`` or ``import ckptd.cli`` never pulls in
-torch: the daemon must stay small on a GPU node.
+torch: the daemon must stay small on a GPU node. torch is the extra ``ckptd[torch]``; without
+it, ``from ckptd import CheckpointClient`` raises ``ckptd._torch.TorchMissingError`` (a
+``ModuleNotFoundError``) that says how to install it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ckptd._torch import torch_required
+
+with torch_required():  # without torch: say which extra to install
+    import torch
 
 from ckptd.client import CheckpointClient, load_snapshot
 from ckptd.protocol import RunPaths, daemon_alive

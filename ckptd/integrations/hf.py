@@ -51,7 +51,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
+from ckptd._torch import torch_required
+
+with torch_required():  # without torch: say which extra to install
+    import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.client import CheckpointClient, Export

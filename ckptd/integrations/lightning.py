@@ -51,7 +51,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
+from ckptd._torch import torch_required
+
+with torch_required():  # without torch: say which extra to install
+    import torch
 
 from ckptd.client import load_snapshot
 from ckptd.client.collective import agree
