@@ -14,17 +14,20 @@ import contextlib
 import faulthandler
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptd import __version__
+from ckptd import __version__, settings
 from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
+from ckptd.notify import Notifier
 from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json
 from ckptd.records import CheckpointRecord, Criterion, Mode
 from ckptd.store import MANIFEST, Store
@@ -97,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_best(commands)
     _add_status(commands)
     _add_verify(commands)
+    _add_prune(commands)
+    _add_request(commands)
+    _add_serve(commands)
+    _add_gc(commands)
     _add_demo(commands)
     return parser
 
@@ -110,14 +117,16 @@ def _add_run(commands: Any) -> None:
         "after persisting what the trainer already handed over. Every option is checked, and "
         "the store must be writable, before anything is created.",
         epilog=_exit_codes(
-            ok="stopped by SIGINT/SIGTERM/SIGHUP after persisting what was acknowledged",
+            ok="stopped by SIGINT/SIGTERM after persisting what was acknowledged (SIGHUP reloads)",
             usage="bad option value, or a store that cannot be written",
             running="another daemon already follows RUN_DIR (stop it first)",
             store=_STORE,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("run_dir", metavar="RUN_DIR", help="the trainer's output directory")
+    run.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="?", help="the trainer's output directory (or --config's)"
+    )
     _add_run_options(run, default_log="logging.jsonl")
     run.set_defaults(handler=_cmd_run)
 
@@ -133,14 +142,13 @@ def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[arg
     judged.add_argument(
         "--best",
         action="append",
-        default=[],
         metavar="METRIC[:MODE][:K]",
         help="watch another criterion, e.g. eval_accuracy:max:2 (repeatable; tag best:METRIC)",
     )
-    judged.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts (0)")
+    judged.add_argument("--min-delta", type=float, help="smallest change that counts (0)")
     kept = run.add_argument_group("what is kept")
-    kept.add_argument("--keep-best", type=int, default=1, metavar="K", help="best kept per criterion (1)")
-    kept.add_argument("--keep-last", type=int, default=2, metavar="N", help="latest checkpoints kept (2)")
+    kept.add_argument("--keep-best", type=int, metavar="K", help="best kept per criterion (1)")
+    kept.add_argument("--keep-last", type=int, metavar="N", help="latest checkpoints kept (2)")
     kept.add_argument(
         "--keep-every", type=int, metavar="M", help="also keep every checkpoint at a multiple of M"
     )
@@ -156,7 +164,6 @@ def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[arg
     read.add_argument("--log", help=f"log to follow, relative to RUN_DIR (default: {default_log})")
     read.add_argument(
         "--format",
-        default="auto",
         choices=FORMATS,
         help="log format (default: auto, from the name and first line)",
     )
@@ -166,15 +173,30 @@ def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[arg
         metavar="PATTERN",
         help=r"read a text log with a regex: a (?P<step>\d+) group and one group per metric",
     )
-    read.add_argument("--poll", action="store_true", help="poll instead of inotify (network filesystems)")
+    read.add_argument(
+        "--poll",
+        action="store_const",
+        const=True,
+        help="poll instead of inotify (network filesystems)",
+    )
     read.add_argument(
         "--poll-interval",
         type=float,
-        default=0.5,
         metavar="S",
         help=f"seconds, > 0 and <= {MAX_POLL_INTERVAL_S:g} (0.5)",
     )
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a TOML file whose [run] table sets these options (and [run] dir the run dir); "
+        "precedence: options > CKPTD_* variables > RUN_DIR/ckptd.toml > FILE > defaults",
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    run.add_argument(
+        "--log-level",
+        choices=settings.LOG_LEVELS,
+        help="debug, info (default), warning or error; also $CKPTD_LOG_LEVEL",
+    )
     return run._actions[before:]
 
 
@@ -275,14 +297,28 @@ def _add_best(commands: Any) -> None:
 
 
 def _add_status(commands: Any) -> None:
-    _query(
+    status = _query(
         commands,
         "status",
         _cmd_status,
         "is a daemon following RUN_DIR, and how is it doing",
-        "Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, persists, errors.",
-        "status.json plus alive and heartbeat_age_s",
-        _exit_codes(ok="a live daemon follows RUN_DIR", empty="no live daemon follows it", usage=_USAGE),
+        "Show the daemon's last heartbeat: alive or not, log lag, bests, last verdict, persists, "
+        "errors. Without RUN_DIR: one line per run a node daemon (ckptd serve) adopts under the "
+        "roots of --config.",
+        "status.json plus alive and heartbeat_age_s (without RUN_DIR: a list of them)",
+        _exit_codes(
+            ok="a live daemon follows RUN_DIR (without it: every run listed is followed)",
+            empty="no live daemon follows it (without RUN_DIR: some run listed is not followed)",
+            usage=_USAGE,
+        ),
+    )
+    status.set_defaults(run_dir=None)
+    status._actions[-2].nargs = "?"  # RUN_DIR: optional for status alone
+    status.add_argument(
+        "--config",
+        default=DEFAULT_NODE_CONFIG,
+        metavar="FILE",
+        help=f"without RUN_DIR: the node config whose roots are listed (default {DEFAULT_NODE_CONFIG})",
     )
 
 
@@ -329,7 +365,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=_log_level(args.log_level, "warning" if args.quiet else "info"),
+        # One line per event, no colour: journald and `kubectl logs` read it as it is.
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
     )
     config = _run_config(args)
@@ -339,35 +376,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         log.warning(
             "%s does not exist yet; created it and waiting for %s to appear", config.run_dir, config.log
         )
-    daemon = RunDaemon(config)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    daemon = RunDaemon(config, Notifier.from_environ())
+    for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
+    # SIGHUP (systemctl reload): the options and files read again; what applies live does.
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(daemon, args)).start())
     return daemon.run()
 
 
+def _reload(daemon: Any, args: argparse.Namespace) -> None:
+    """Off the signal handler (it reads files): rebuild the run's config, hand it over."""
+    try:
+        daemon.reconfigure(_run_config(args))
+    except CkptdError as exc:
+        log.error("reload failed, the old settings stay: %s", exc)
+
+
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    """The options of ``ckptd run`` checked (and the store probed) before anything is created."""
-    if args.metric is not None and not args.metric.strip():
-        raise ConfigError("--metric needs a metric name, e.g. --metric eval_loss")
-    primary = [f"{args.metric}:{args.mode}" if args.mode else args.metric] if args.metric else []
-    if not primary and not args.best:
-        primary = [f"eval_loss:{args.mode}" if args.mode else "eval_loss"]
-    config = RunConfig.build(
-        args.run_dir,
-        best=primary + args.best,
-        keep_best=args.keep_best,
-        min_delta=args.min_delta,
-        log=args.log,
-        store=args.store,
-        keep_last=args.keep_last,
-        keep_every=args.keep_every,
-        every_steps=args.every_steps,
-        log_format=args.format,
-        step_key=args.step_key,
-        regex=args.regex,
-        poll=args.poll,
-        poll_interval=args.poll_interval,
+    """The options of ``ckptd run`` merged with its config files and ``CKPTD_*`` variables,
+    checked (and the store probed) before anything is created."""
+    file = settings.load_file(args.config, tables=("run",)) if args.config else None
+    run_dir = args.run_dir or (file.run_dir if file else None)
+    if run_dir is None:
+        raise ConfigError("which run? give RUN_DIR, or [run] dir in the --config file")
+    own = settings.run_file_of(Path(run_dir))
+    given = {key: getattr(args, key) for key in settings.RUN_KEYS}
+    options = settings.merged(
+        file.run if file else {}, own.run if own else {}, settings.environment_layer(), given
     )
+    config = settings.run_config(run_dir, options)
     # A read-only store would otherwise surface only at the first best eval, too late.
     preflight_store(config.store)
     return config
@@ -503,6 +540,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.run_dir is None:
+        return _node_status(args)
     paths = RunPaths(_run_dir(args))
     age = heartbeat_age(paths)
     try:
@@ -607,16 +646,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     names = args.names or present
     if not names:
         return _nothing_in(store, args.json)
-    results = [result for name in names if (result := _verify_one(store, name, args.json))]
+    # Progress on a terminal only: a log file or a pipe gets the one line per checkpoint.
+    live = not args.json and sys.stderr.isatty()
+    results = [result for name in names if (result := _verify_one(store, name, args.json, live))]
     if args.json:
         print(json.dumps(results, indent=1))
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_CORRUPT
 
 
-def _verify_one(store: Store, name: str, quiet: bool) -> dict[str, Any] | None:
-    """One checkpoint's verdict, printed unless ``quiet``; None if it was rotated out meanwhile."""
+def _verify_one(store: Store, name: str, quiet: bool, live: bool = False) -> dict[str, Any] | None:
+    """One checkpoint's verdict, printed unless ``quiet``; None if it was rotated out meanwhile.
+    ``live``: a progress line on stderr, redrawn in place as the files are hashed."""
     started = time.monotonic()
-    problems = _problems_of(store, name)
+    meter = _Meter(name, _manifest_bytes(store, name)) if live else None
+    try:
+        problems = _problems_of(store, name, meter)
+    finally:
+        if meter is not None:
+            meter.clear()
     if problems is None:
         return None
     if not quiet:
@@ -625,10 +672,10 @@ def _verify_one(store: Store, name: str, quiet: bool) -> dict[str, Any] | None:
     return {"name": name, "ok": not problems, "problems": problems}
 
 
-def _problems_of(store: Store, name: str) -> list[str] | None:
+def _problems_of(store: Store, name: str, meter: _Meter | None = None) -> list[str] | None:
     try:
         store.read(name)  # every field ls, best and retention rely on, not only the hashes
-        problems = store.verify(name)
+        problems = store.verify(name, meter)
     except FileNotFoundError:
         if not store.path_of(name).exists():
             return None  # a running daemon's retention removed it: nothing to report
@@ -794,3 +841,240 @@ def _fmt_age(seconds: float) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- node mode and operations ---------------------------------------------------------------------
+
+DEFAULT_NODE_CONFIG = "/etc/ckptd/ckptd.toml"
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="node mode: follow every run under the configured roots (systemd service)",
+        description="Adopt every run under [serve] roots of FILE that opts in (a ckptd.toml in "
+        "its directory, or a log matching an [serve] adopt glob) and follow each as `ckptd run` "
+        "would, in this one process. As root, each user's runs are served by a worker running "
+        "as that user. SIGHUP reloads FILE (policy changes apply to running runs at once); "
+        "SIGTERM drains (persists in flight finish, up to drain_timeout); a second SIGTERM exits "
+        "at once. Speaks systemd's notify protocol when NOTIFY_SOCKET is set.",
+        epilog=_exit_codes(
+            ok="drained and stopped; with --check: FILE is valid",
+            empty="the drain deadline passed with a persist unfinished",
+            usage="FILE is missing or invalid (the message names the key)",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", default=DEFAULT_NODE_CONFIG, metavar="FILE", help="node config (TOML)")
+    serve.add_argument("--check", action="store_true", help="validate FILE and list what it would serve")
+    serve.add_argument("--log-level", choices=settings.LOG_LEVELS, help="default: [serve] log_level, info")
+    serve.add_argument("--worker-uid", type=int, help=argparse.SUPPRESS)  # started by a root daemon
+    serve.set_defaults(handler=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ckptd.node import serve
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    file = settings.load_file(args.config)
+    logging.basicConfig(
+        level=_log_level(args.log_level, file.serve_settings().log_level),
+        # The thread is the run: each run's daemon runs on a thread named after its run dir.
+        format="%(asctime)s ckptd[%(process)d] %(levelname)s [%(threadName)s] %(message)s",
+    )
+    return serve(Path(args.config), worker_uid=args.worker_uid, check=args.check)
+
+
+def _log_level(given: str | None, default: str) -> int:
+    """--log-level, else $CKPTD_LOG_LEVEL, else ``default``, as a logging level."""
+    level = given or os.environ.get("CKPTD_LOG_LEVEL") or default
+    if level.lower() not in settings.LOG_LEVELS:
+        raise ConfigError(f"$CKPTD_LOG_LEVEL={level!r}: must be one of {', '.join(settings.LOG_LEVELS)}")
+    return int(getattr(logging, level.upper()))
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    from ckptd.node.discover import find_runs
+
+    node = settings.load_file(args.config).serve_settings()
+    rows = []
+    for candidate in find_runs(node):
+        paths = RunPaths(candidate.run_dir)
+        age = heartbeat_age(paths)
+        status = _saved_status(candidate.run_dir) if age is not None else {}
+        alive = age is not None and age <= STALE_AFTER_S
+        rows.append({**status, "run_dir": str(candidate.run_dir), "alive": alive, "heartbeat_age_s": age})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    for row in [] if args.json else rows:
+        bests = row["bests"] if isinstance(row.get("bests"), dict) else {}
+        shown = ", ".join(
+            f"{m}={_fmt_metric(_float(b.get('value')))}@{_shown(b, 'step')}"
+            for m, b in bests.items()
+            if isinstance(b, dict)
+        )
+        state = "running" if row["alive"] else "not followed"
+        lag = _float(row.get("log_lag_seconds")) or 0.0
+        print(f"{row['run_dir']}  {state}  lag {lag:.1f} s  {shown or 'no best yet'}")
+    if not rows and not args.json:
+        print(f"no run opts in under {', '.join(map(str, node.roots))}")
+    return EXIT_OK if all(row["alive"] for row in rows) else EXIT_EMPTY
+
+
+def _add_prune(commands: Any) -> None:
+    prune = _query(
+        commands,
+        "prune",
+        _cmd_prune,
+        "apply the retention policy now",
+        "Delete the checkpoints the policy does not keep, now, under the store lock the daemon's "
+        "rotation holds (a persist in flight is never touched; a best the daemon's state names "
+        "never goes). The policy is the one the daemon last reported, or the --keep-* options.",
+        "the checkpoints deleted (or, with --dry-run, that would be)",
+        _exit_codes(ok="pruned (or nothing to prune)", usage=_USAGE + "; no policy known", store=_STORE),
+    )
+    _add_store_option(prune)
+    prune.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
+    prune.add_argument("--keep-last", type=int, metavar="N", help="latest kept (default: the daemon's)")
+    prune.add_argument("--keep-best", type=int, metavar="K", help="best kept per criterion")
+    prune.add_argument("--keep-every", type=int, metavar="M", help="also keep multiples of M")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from ckptd import ops
+
+    run_dir = _run_dir(args)
+    overrides = {k: getattr(args, k) for k in ("keep_last", "keep_best", "keep_every")}
+    for key, value in overrides.items():
+        if value is not None and value < (0 if key == "keep_last" else 1):
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= {0 if key == 'keep_last' else 1}")
+    policy = ops.recorded_policy(run_dir, {k: v for k, v in overrides.items() if v is not None})
+    store = _store_for(args)
+    doomed = ops.prune(store, run_dir, policy, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps([_record_json(store, r) for r in doomed], indent=1))
+        return EXIT_OK
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"policy: {policy.describe()}")
+    for record in doomed:
+        print(f"{verb} {record.name}")
+    if not doomed:
+        print("nothing to prune")
+    return EXIT_OK
+
+
+def _add_request(commands: Any) -> None:
+    request = _query(
+        commands,
+        "request",
+        _cmd_request,
+        "ask the trainer for a snapshot at its next step (save now)",
+        "Ask the daemon following RUN_DIR to have the trainer capture its state at the next "
+        "step boundary; the checkpoint is tagged TAG and rotated like any other.",
+        "the request as a JSON object",
+        _exit_codes(
+            ok="asked (a live daemon follows the run)",
+            empty="no live daemon follows it",
+            usage=_USAGE,
+        ),
+    )
+    request.add_argument("--tag", default="manual", help="tag of the checkpoint (default: manual)")
+
+
+def _cmd_request(args: argparse.Namespace) -> int:
+    from ckptd.protocol import write_request
+
+    paths = RunPaths(_run_dir(args))
+    age = heartbeat_age(paths)
+    if age is None or age > STALE_AFTER_S:
+        print(f"ckptd: no live daemon follows {paths.run_dir}; nothing asked", file=sys.stderr)
+        return EXIT_EMPTY
+    path = write_request(paths, args.tag)
+    if args.json:
+        print(json.dumps({"run_dir": str(paths.run_dir), "tag": args.tag, "request": str(path)}))
+    else:
+        print(f"asked for a snapshot tagged {args.tag} at the trainer's next step")
+    return EXIT_OK
+
+
+def _add_gc(commands: Any) -> None:
+    gc = commands.add_parser(
+        "gc",
+        help="remove staging dirs in shared memory whose run is gone",
+        description="Look at every ckptd-* staging dir of the shared-memory root (/dev/shm, or "
+        "$CKPTD_SHM_ROOT) and remove those whose run dir is gone or now belongs to another "
+        "run, untouched for --grace seconds. A staging dir of a run that still exists is never "
+        "removed: it may hold snapshots the trainer handed over, which the next daemon start "
+        "persists. `ckptd serve` does this every minute.",
+        epilog=_exit_codes(ok="swept (or nothing to sweep)", store="a staging dir could not be removed"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+    gc.add_argument(
+        "--grace", type=float, default=600.0, metavar="S", help="left alone if touched within S s (600)"
+    )
+    gc.add_argument("--json", action="store_true", help="the swept dirs as a JSON list")
+    gc.set_defaults(handler=_cmd_gc)
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from ckptd import sweep
+
+    if not args.grace >= 0:
+        raise ConfigError(f"--grace must be a number of seconds >= 0, not {args.grace}")
+    orphans, unknown = sweep.find_orphans(grace=args.grace)
+    failed = 0
+    for orphan in [] if args.dry_run else orphans:
+        try:
+            sweep.remove(orphan)
+        except OSError as exc:
+            failed += 1
+            print(f"ckptd: cannot remove {orphan.path}: {exc.strerror or exc}", file=sys.stderr)
+    if args.json:
+        rows = [{"path": str(o.path), "run_dir": o.run_dir, "why": o.why, "bytes": o.nbytes} for o in orphans]
+        print(json.dumps(rows, indent=1))
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        for orphan in orphans:
+            print(f"{verb} {orphan.path} ({_fmt_bytes(orphan.nbytes)}): {orphan.why}")
+        for path in unknown:
+            print(f"left {path}: it does not say which run it belongs to", file=sys.stderr)
+        if not orphans:
+            print("nothing to sweep")
+    return EXIT_STORE if failed else EXIT_OK
+
+
+class _Meter:
+    """``verify``'s progress line on a terminal: percent, bytes, speed; at most 10 redraws a second."""
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total = name, total
+        self.done = 0
+        self.started = self.drawn = time.monotonic()
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.monotonic()
+        if now - self.drawn < 0.1:
+            return
+        self.drawn = now
+        rate = self.done / max(now - self.started, 1e-9)
+        share = f"{100 * self.done / self.total:.0f}% of {_fmt_bytes(self.total)}, " if self.total else ""
+        sys.stderr.write(f"\r\x1b[K{self.name}  {share}{_fmt_bytes(self.done)} at {_fmt_bytes(int(rate))}/s")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.drawn != self.started:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _manifest_bytes(store: Store, name: str) -> int:
+    """What the manifest says the files weigh (0 when it cannot tell): the meter's 100%."""
+    try:
+        files = store.manifest(name).get("files")
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(files, dict):
+        return 0
+    return sum(_number(entry.get("bytes")) for entry in files.values() if isinstance(entry, dict))

@@ -105,6 +105,26 @@ class RunConfig:
         )
 
 
+# What a reload may change while the run goes on; anything else needs a new daemon.
+_LIVE_FIELDS = ("best", "keep_last", "keep_every", "every_steps")
+
+
+def live_change(old: RunConfig, new: RunConfig) -> str | None:
+    """None when ``new`` differs from ``old`` only in what applies live (how many are kept,
+    thresholds, the capture schedule); else what differs, said for the user."""
+    fixed = [
+        name
+        for name in RunConfig.__dataclass_fields__
+        if name not in _LIVE_FIELDS and getattr(old, name) != getattr(new, name)
+    ]
+    if fixed:
+        return f"{', '.join(fixed)} changed"
+    watched = [(c.metric, c.mode) for c in old.criteria]
+    if watched != [(c.metric, c.mode) for c in new.criteria]:
+        return "the watched metrics changed"
+    return None
+
+
 def parse_best(spec: str, default_keep: int = 1, min_delta: float = 0.0) -> tuple[Criterion, int]:
     """``eval_loss``, ``eval_loss:min``, ``eval_acc:max:3`` → (criterion, how many to keep)."""
     head, _, last = spec.rpartition(":")

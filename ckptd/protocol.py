@@ -72,6 +72,11 @@ class RunPaths:
         return self.meta / "client.json"
 
     @property
+    def requests(self) -> Path:
+        """``ckptd request`` drops a file here; the daemon turns it into a snapshot verdict."""
+        return self.meta / "requests"
+
+    @property
     def default_store(self) -> Path:
         return self.run_dir / "checkpoints"
 
@@ -407,3 +412,62 @@ def metrics_from_json(raw: object) -> dict[str, float]:
         return {}
     return {str(k): v for k, v in ((k, metric_value(v)) for k, v in raw.items()) if v is not None}
 
+
+# -- manual snapshot requests (`ckptd request`) ---------------------------------------------------
+
+_MAX_REQUESTS = 16  # per pass: a flood of request files cannot stall the daemon's loop
+_REQUEST_BYTES = 4096
+
+
+def write_request(paths: RunPaths, tag: str) -> Path:
+    """Ask the run's daemon for a snapshot at the trainer's next step, tagged ``tag``."""
+    if not is_token(tag):
+        raise ProtocolError(paths.requests, f"tag {tag!r}: up to 64 letters, digits, _ or -")
+    paths.requests.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = paths.requests / f"{time.time_ns()}-{os.getpid()}.json"
+    atomic_write_json(path, {"tag": tag, "requested": time.time()})
+    return path
+
+
+def take_requests(paths: RunPaths, on_error: Any) -> list[str]:
+    """The tags of the request files waiting (oldest first), each file removed as it is read;
+    a bad one is removed too and reported through ``on_error(message)``."""
+    try:
+        with os.scandir(paths.requests) as entries:
+            # Plain files only: a link or a folder named *.json is no request (and a link is
+            # never followed); left where it is, it costs one scandir entry per pass.
+            names = sorted(
+                e.name for e in entries if e.name.endswith(".json") and e.is_file(follow_symlinks=False)
+            )
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    tags: list[str] = []
+    for name in names[:_MAX_REQUESTS]:
+        path = paths.requests / name
+        try:
+            tag = _request_tag(path)
+        except FileNotFoundError:
+            continue
+        except (ProtocolError, OSError) as exc:
+            on_error(f"ignored snapshot request: {exc}")
+            tag = None
+        _unlink_quietly(path)
+        if tag is not None:
+            tags.append(tag)
+    return tags
+
+
+def _request_tag(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(_REQUEST_BYTES + 1)
+    if len(raw) > _REQUEST_BYTES:
+        raise ProtocolError(path, f"larger than {_REQUEST_BYTES} bytes")
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(path, f"not JSON: {exc}") from None
+    tag = document.get("tag") if isinstance(document, dict) else None
+    if not is_token(tag):
+        raise ProtocolError(path, f"tag {tag!r} is not a plain token")
+    return str(tag)

@@ -21,7 +21,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ OWNER_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{8,})(?:-(\d+))?$")
 _CHUNK = 16 << 20
 # Store has a method called list: inside its body, list[...] would name the method.
+Progress = Callable[[int], None]  # bytes just done
 Names = list[str]
 Paths = list[Path]
 Ranges = Sequence[tuple[int, int]]  # [start, end) byte ranges of a source file, in order
@@ -271,26 +272,29 @@ class Store:
         os.rename(target, doomed)
         shutil.rmtree(doomed)
 
-    def verify(self, name: str) -> Names:
-        """Problems found re-hashing every file against the manifest (empty: intact)."""
+    def verify(self, name: str, progress: Progress | None = None) -> Names:
+        """Problems found re-hashing every file against the manifest (empty: intact).
+        ``progress(nbytes)`` is called as each chunk is hashed."""
         document = self.manifest(name)
         files = document.get("files")
         if not isinstance(files, dict) or not files:
             return ["manifest lists no files"]
         problems = []
         for fname, expected in files.items():
-            problem = self._check_file(name, fname, expected)
+            problem = self._check_file(name, fname, expected, progress)
             if problem:
                 problems.append(f"{fname}: {problem}")
         return problems
 
-    def _check_file(self, name: str, fname: str, expected: object) -> str | None:
+    def _check_file(
+        self, name: str, fname: str, expected: object, progress: Progress | None = None
+    ) -> str | None:
         if not isinstance(expected, dict):
             return "manifest entry is not an object"
         if not _is_plain(fname):
             return "not a plain file name"
         try:
-            actual = _digest_file(self.path_of(name) / fname)
+            actual = _digest_file(self.path_of(name) / fname, progress)
         except FileNotFoundError:
             return "missing"
         except OSError as exc:
@@ -328,6 +332,12 @@ class Store:
             }
             atomic_write_json(self.root / OWNER_NAME, document, durable=True)
         return frozenset(lineage)
+
+    def lineage(self) -> frozenset[str]:
+        """The run ids the owner file names (the store's run and its earlier owners): whose
+        checkpoints retention may delete. Empty for a store no daemon has claimed."""
+        owner = self._read_owner()
+        return frozenset(owner.texts("run_ids")) if owner is not None else frozenset()
 
     def _read_owner(self) -> Fields | None:
         path = self.root / OWNER_NAME
@@ -391,13 +401,15 @@ def _plain(name: str) -> str:
     return name
 
 
-def _digest_file(path: Path) -> FileDigest:
+def _digest_file(path: Path, progress: Progress | None = None) -> FileDigest:
     digest = hashlib.sha256()
     size = 0
     with path.open("rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
             size += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return FileDigest(size, digest.hexdigest())
 
 

@@ -48,6 +48,13 @@ class Outcome:
     seconds: float = 0.0
 
 
+class _RotateNow:
+    """Put on the job queue by ``set_policy``: rotate on the worker thread, between persists."""
+
+
+_ROTATE = _RotateNow()
+
+
 class Persister:
     """Runs jobs one at a time on its own thread and reports each outcome through ``done``."""
 
@@ -71,8 +78,11 @@ class Persister:
         self.lineage = lineage  # run ids whose checkpoints retention may delete
         self._best_steps = best_steps  # steps the daemon's state names as a best
         self._done = done
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="ckptd-persister", daemon=True)
+        self._jobs: queue.Queue[Job | _RotateNow | None] = queue.Queue()
+        # Named after the thread that makes it: in a node daemon that is the run dir, so a
+        # persist's log lines name their run.
+        name = f"{threading.current_thread().name} persister"
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -84,6 +94,12 @@ class Persister:
         """Finish every submitted job, then stop: acknowledged snapshots are not dropped."""
         self._jobs.put(None)
         self._thread.join()
+
+    def set_policy(self, policy: PreservationPolicy) -> None:
+        """A new policy (a reload), applied at once: retention runs next on this thread,
+        between two persists, so it never meets a checkpoint in flight."""
+        self.policy = policy  # one reference swap; the worker reads it at its next rotation
+        self._jobs.put(_ROTATE)
 
     def rotate(self) -> tuple[str, ...]:
         """Delete what the policy does not keep, under the store lock shared with the CLI.
@@ -103,6 +119,9 @@ class Persister:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, _RotateNow):
+                self._rotate_now()
+                continue
             started = time.monotonic()
             try:
                 record = self._persist(job)
@@ -116,6 +135,14 @@ class Persister:
             else:
                 outcome = Outcome(job, record, deleted, seconds=time.monotonic() - started)
             self._done(outcome)
+
+    def _rotate_now(self) -> None:
+        try:
+            deleted = self.rotate()
+        except Exception as exc:  # the next persist rotates again; the worker must go on
+            log.error("rotation after a policy change failed: %s: %s", type(exc).__name__, exc)
+        else:
+            log.info("policy changed: rotated out %d checkpoint(s)", len(deleted))
 
     def _persist(self, job: Job) -> CheckpointRecord:
         ack = job.ack

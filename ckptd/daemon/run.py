@@ -25,8 +25,8 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from ckptd import __version__
-from ckptd.config import RunConfig
+from ckptd import __version__, sweep
+from ckptd.config import RunConfig, live_change
 from ckptd.daemon.persister import Job, Outcome, Persister
 from ckptd.daemon.state import (
     DaemonState,
@@ -37,6 +37,7 @@ from ckptd.daemon.state import (
 )
 from ckptd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
 from ckptd.logs import ChangeWatcher, EventSource, open_source
+from ckptd.notify import Notifier
 from ckptd.policy import best_plus_last, judge
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -48,6 +49,7 @@ from ckptd.protocol import (
     read_ack,
     read_client_report,
     read_control,
+    take_requests,
     verdict_to_json,
     write_control,
 )
@@ -62,6 +64,7 @@ _RETRY_AFTER_S = 5.0  # a failed persist (disk full, ...) is retried this long a
 _SLOT_TRIES = 3  # an ack whose slot is gone or overwritten is set aside after this many tries
 _SLOT_RETRY_S = 1.0
 _YOUNG_S = 3.0  # an unreadable ack younger than this may still be being written: look again
+_STORE_COUNT_EVERY_S = 10.0
 _UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
 
 
@@ -74,8 +77,9 @@ class Wake:
 class RunDaemon:
     """Follows one run until ``request_stop`` is called; ``run()`` returns the exit status."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier(None)  # systemd's notify socket, for `ckptd run`
         self.paths: RunPaths = config.paths
         self.store = Store(config.store)
         self._wakeups: queue.Queue[Wake] = queue.Queue()
@@ -88,11 +92,14 @@ class RunDaemon:
         self._unseen_warned = False
         self._evals: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._started = time.time()
+        self._caught_up_at = time.monotonic()
+        self._kept: tuple[float, int, int] | None = None  # (when counted, checkpoints, bytes)
         self._last_verdict: Verdict | None = None
         self._last_error: str | None = None
         self._persisted = 0
         self._last_persist_s: float | None = None
         self._state: DaemonState
+        self._durable_state: DaemonState | None = None  # the state last written with fsync
         self._source: EventSource
         self._persister: Persister
         self._watchers: list[ChangeWatcher] = []
@@ -104,6 +111,10 @@ class RunDaemon:
         """Safe from a signal handler: it only enqueues (and raises a flag a long read checks)."""
         self._stop_requested.set()
         self._wakeups.put(Wake("stop", reason))
+
+    def reconfigure(self, config: RunConfig) -> None:
+        """Safe from any thread: apply a reloaded policy (see ``live_change``) at the next pass."""
+        self._wakeups.put(Wake("reconfigure", config))
 
     def run(self) -> int:
         self.paths.meta.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -172,6 +183,7 @@ class RunDaemon:
         self._persister.start()
         self._submit_acks()
         self._start_watchers()
+        self.notifier.ready(self._one_line())
         log.info(
             "following %s (%s), store %s, run id %s",
             self.config.log,
@@ -225,6 +237,7 @@ class RunDaemon:
                 "ckptd will not stage snapshots or clean up through it; remove it"
             )
         self.staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sweep.mark(self.staging, self.config.run_dir, self._state.run_id)  # for `ckptd gc`
 
     @property
     def staging(self) -> Path:
@@ -263,13 +276,16 @@ class RunDaemon:
                 pass
             try:
                 self._follow()
+                self._take_requests()
                 self._submit_acks()
             except OSError as exc:  # an unreadable log or acks dir may heal; the heartbeat says what
                 self._error(f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # a bug must not stop the persists of acked snapshots
                 log.exception("unexpected error; the daemon goes on")
                 self._error(f"unexpected {type(exc).__name__}: {exc}")
+            self.notifier.watchdog()
             if time.monotonic() >= next_beat:
+                self.notifier.status(self._one_line())
                 self._write_status()
                 self._save_state()
                 next_beat = time.monotonic() + self.config.heartbeat_interval
@@ -279,20 +295,45 @@ class RunDaemon:
             self._stopping = str(wake.payload)
         elif wake.reason == "persisted":
             self._on_persisted(wake.payload)
+        elif wake.reason == "reconfigure":
+            self._reconfigure(wake.payload)
+
+    def _reconfigure(self, config: RunConfig) -> None:
+        """What a reload may change without a restart: thresholds, how many are kept, the
+        schedule. Retention follows at once; the trainer sees a new schedule at its next step."""
+        problem = live_change(self.config, config)
+        if problem is not None:
+            self._error(f"reload ignored: {problem}; restart the daemon to apply it")
+            return
+        schedule_changed = config.every_steps != self.config.every_steps
+        self.config = config
+        self._persister.set_policy(
+            best_plus_last(dict(config.best), config.keep_last, config.keep_every)
+        )
+        if schedule_changed:
+            self._publish_settings()
+        log.info(
+            "reloaded: keep best %s, last %d, every %s; capture every %s steps",
+            ", ".join(f"{c.metric}:{k}" for c, k in config.best),
+            config.keep_last,
+            config.keep_every,
+            config.every_steps,
+        )
 
     def _halt(self) -> None:
         """The one clean-up path: stop watching, finish acknowledged persists, say goodbye."""
         log.info("stopping (%s)", self._stopping or "error")
+        self.notifier.stopping(f"stopping ({self._stopping or 'error'}): finishing acknowledged persists")
         for watcher in self._watchers:
             watcher.stop()
         self._submit_acks(retry_failed=True)
         self._persister.stop()
         while not self._wakeups.empty():
             self._handle(self._wakeups.get_nowait())
-        self._source.close()
         self._save_state()
         self._remove_idle_slots()
         self._write_status(state="stopped")
+        self._source.close()  # after the last status: its lag is read from the open source
         # Age the heartbeat at once so clients stop waiting on us now, not in STALE_AFTER_S.
         os.utime(self.paths.status, (0, 0))
 
@@ -308,6 +349,8 @@ class RunDaemon:
                 # judged, so a daemon killed here re-judges a stretch rather than skip one.
                 self._save_state(durable=False)
             caught_up = self._source.history_done and not self._source.behind
+            if caught_up:
+                self._caught_up_at = time.monotonic()
             if caught_up or self._stop_requested.is_set():
                 return
 
@@ -394,6 +437,24 @@ class RunDaemon:
         if verdict is not None:
             self._last_verdict = verdict
 
+    def _publish_settings(self) -> None:
+        """control.json again with new settings (the schedule). The standing verdict keeps its
+        own seq, so no capture is asked twice; a snapshot verdict that no longer stands is not
+        repeated as the latest, since a client without a standing one would take it anew."""
+        last = self._last_verdict
+        self._publish(last if last is not None and last.action == "skip" else None)
+
+    def _take_requests(self) -> None:
+        """``ckptd request`` files: each becomes a snapshot verdict the trainer captures at its
+        next step. An uncaptured verdict that stands takes the tag instead: one capture serves
+        both, and a best is never pushed aside by a manual request."""
+        for tag in take_requests(self.paths, self._error):
+            standing = self._state.last_snapshot
+            step = standing.verdict.eval_step if standing else self._state.judged_step
+            verdict = Verdict(step, "snapshot", (tag,), f"requested by ckptd request (tag {tag})")
+            self._publish(self._with_standing(verdict))
+            log.info("snapshot requested (tag %s): captured at the trainer's next step", tag)
+
     def _publish_first(self) -> None:
         """A fresh control.json at start, with no verdict (an old one would make a new trainer
         capture the wrong step). A snapshot verdict no ack answered still stands, with its first
@@ -478,6 +539,7 @@ class RunDaemon:
             )
             return
         self._retry_at.pop(name, None)
+        self._kept = None  # recount the store at the next heartbeat
         if self._last_error and self._last_error.startswith("persisting"):
             self._last_error = None  # the persist that failed has gone through now
         assert outcome.record is not None
@@ -526,7 +588,10 @@ class RunDaemon:
 
     def _save_state(self, *, durable: bool = True) -> None:
         self._state = self._state.with_(cursor=self._source.cursor())
+        if durable and self._state == self._durable_state:
+            return  # an idle run's heartbeat: nothing new to write, no fsync to pay
         save_state(self.paths.state, self._state, durable=durable)
+        self._durable_state = self._state if durable else None
 
     def _write_status(self, state: str = "running") -> None:
         verdict = self._last_verdict
@@ -547,6 +612,7 @@ class RunDaemon:
                 "log_format": self._source.name,
                 "log_offset": (self._source.cursor() or {}).get("offset"),
                 "log_lag_bytes": self._source.lag_bytes(),
+                "log_lag_seconds": self._lag_seconds(),
                 "watcher": self._watchers[0].mode if self._watchers else None,
                 "store": str(self.config.store),
                 "criteria": [
@@ -554,7 +620,15 @@ class RunDaemon:
                 ],
                 "bests": bests_to_json(self._state.bests),
                 "last_verdict": None if verdict is None else verdict_to_json(verdict),
+                "policy": {
+                    "keep_last": self.config.keep_last,
+                    "keep_every": self.config.keep_every,
+                    "every_steps": self.config.every_steps,
+                },
                 "persisted": self._persisted,
+                "persists_in_flight": len(self._queued),
+                "staged_bytes": _bytes_under(self.staging),
+                **self._store_counts(),
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),
                 "malformed_lines": dict(self._source.malformed.counts),
@@ -563,6 +637,29 @@ class RunDaemon:
                 "last_error": self._last_error,
             },
         )
+
+    def _one_line(self) -> str:
+        """systemd's STATUS=: the run, its bests, the persists so far."""
+        bests = ", ".join(f"{m}={b.value:.6g}@{b.step}" for m, b in self._state.bests.items())
+        return f"{self.config.run_dir}: {bests or 'no best yet'}; {self._persisted} persisted"
+
+    def _lag_seconds(self) -> float:
+        """How long the daemon has been behind the log: 0 while it keeps up."""
+        if not self._source.lag_bytes():
+            return 0.0
+        return round(time.monotonic() - self._caught_up_at, 3)
+
+    def _store_counts(self) -> dict[str, int]:
+        """Checkpoints and bytes the store holds, counted after each persist and every few
+        seconds: listing reads every manifest, too much for each heartbeat of a large store."""
+        now = time.monotonic()
+        if self._kept is None or now - self._kept[0] > _STORE_COUNT_EVERY_S:
+            try:
+                records = self.store.list()
+            except OSError:
+                return {}
+            self._kept = (now, len(records), sum(r.nbytes for r in records))
+        return {"store_checkpoints": self._kept[1], "store_bytes": self._kept[2]}
 
     def _warn_unseen_metrics(self) -> None:
         """A watched metric that never appears gets one warning naming what the log does hold:
@@ -588,6 +685,17 @@ class RunDaemon:
         if not isinstance(status, dict):
             return "holder unknown"
         return f"pid {status.get('pid')} on {status.get('host')}"
+
+
+def _bytes_under(folder: Path) -> int:
+    """Bytes of memory the files below ``folder`` occupy (allocated blocks, not sizes: a slot
+    is reserved larger than what it holds). 0 when there is no such folder."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
 
 
 def _young(path: Path) -> bool:

@@ -1,0 +1,126 @@
+"""Which runs under a node daemon's roots opt in, who owns them, and whether they are done.
+
+A run opts in with a run file (``ckptd.toml``) in its directory, or by a log that matches
+one of the ``adopt`` globs (its folder is then the run dir). Nothing here follows a symbolic
+link out of a root: a user who can write under a root must not make the daemon (which may be
+root) manage a directory elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckptd.protocol import RunPaths
+from ckptd.settings import ServeSettings
+
+MAX_DEPTH = 4  # run files are looked for this many folders below a root, no deeper
+_SKIPPED = {".ckptd", "checkpoints", "__pycache__", ".git"}
+CLIENT_LOCK = "client.lock"  # the flock the trainer's capturing client holds while alive
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A run that opted in, as found on disk."""
+
+    run_dir: Path
+    uid: int
+    gid: int
+    log: Path | None = None  # the log an adopt glob matched; None: the run's settings say
+    how: str = "run file"
+
+
+
+def fingerprint(log: Path) -> tuple[int, int]:
+    """(size, mtime) of a run's log: what changes when the run is active; (0, 0) if none."""
+    try:
+        info = log.stat()
+    except OSError:
+        return (0, 0)
+    return (info.st_size, info.st_mtime_ns)
+
+
+def find_runs(settings: ServeSettings) -> list[Candidate]:
+    """Every run that opts in under the roots, once each (a run file wins over a glob)."""
+    found: dict[Path, Candidate] = {}
+    for root in settings.roots:
+        for candidate in _globbed(root, settings.adopt):
+            found.setdefault(candidate.run_dir, candidate)
+        for candidate in _with_run_file(root, settings.run_file):
+            found[candidate.run_dir] = candidate
+    return sorted(found.values(), key=lambda c: str(c.run_dir))
+
+
+def _with_run_file(root: Path, name: str) -> list[Candidate]:
+    out: list[Candidate] = []
+    base = len(root.parts)
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        here = Path(folder)
+        if name in files and (candidate := _candidate(here, root, "run file")) is not None:
+            out.append(candidate)
+            dirs[:] = []  # a run's own folders are not runs
+            continue
+        depth = len(here.parts) - base
+        dirs[:] = [] if depth >= MAX_DEPTH else [d for d in dirs if d not in _SKIPPED]
+    return out
+
+
+def _globbed(root: Path, patterns: tuple[str, ...]) -> list[Candidate]:
+    out: list[Candidate] = []
+    for pattern in patterns:
+        with contextlib.suppress(OSError, ValueError):  # a root gone, a pattern glob refuses
+            for log in root.glob(pattern):
+                candidate = _candidate(log.parent, root, f"log matches {pattern!r}", log)
+                if candidate is not None and _is_plain_file(log):
+                    out.append(candidate)
+    return out
+
+
+def _candidate(run_dir: Path, root: Path, how: str, log: Path | None = None) -> Candidate | None:
+    """The run at ``run_dir`` if it is a real directory inside ``root`` (no link on the way)."""
+    try:
+        info = run_dir.lstat()
+        inside = run_dir.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or not inside:
+        return None
+    return Candidate(Path(os.path.abspath(run_dir)), info.st_uid, info.st_gid, log, how)
+
+
+def _is_plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def trainer_alive(run_dir: Path) -> bool | None:
+    """Whether a trainer's capturing client holds the run's client lock: read from
+    ``/proc/locks`` without taking the lock (taking it, even for a moment, could make a
+    starting trainer think another client serves the run). None where that cannot be told."""
+    try:
+        info = os.stat(RunPaths(run_dir).meta / CLIENT_LOCK)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            table = handle.read()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
+
+
+def idle_for(candidate: Candidate, log: Path) -> float:
+    """Seconds since the run's log last changed (its folder's when there is no log yet)."""
+    for path in (log, candidate.run_dir):
+        with contextlib.suppress(OSError):
+            return max(0.0, time.time() - path.stat().st_mtime)
+    return 0.0
