@@ -392,18 +392,18 @@ def _reload(daemon: Any, args: argparse.Namespace) -> None:
         log.error("reload failed, the old settings stay: %s", exc)
 
 
-def _run_config(args: argparse.Namespace) -> RunConfig:
+def _run_config(args: argparse.Namespace, default_log: str | None = None) -> RunConfig:
     """The options of ``ckptd run`` merged with its config files and ``CKPTD_*`` variables,
-    checked (and the store probed) before anything is created."""
+    checked (and the store probed) before anything is created. ``default_log``: the log when
+    no layer names one (the sidecar's own metrics log)."""
     file = settings.load_file(args.config, tables=("run",)) if args.config else None
     run_dir = args.run_dir or (file.run_dir if file else None)
     if run_dir is None:
         raise ConfigError("which run? give RUN_DIR, or [run] dir in the --config file")
     own = settings.run_file_of(Path(run_dir))
     given = {key: getattr(args, key) for key in settings.RUN_KEYS}
-    options = settings.merged(
-        file.run if file else {}, own.run if own else {}, settings.environment_layer(), given
-    )
+    layers = [{"log": default_log}, file.run if file else {}, own.run if own else {}]
+    options = settings.merged(*layers, settings.environment_layer(), given)
     config = settings.run_config(run_dir, options)
     # A read-only store would otherwise surface only at the first best eval, too late.
     preflight_store(config.store)
@@ -418,9 +418,8 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         raise ConfigError("no command to run: ckptd sidecar --run-dir DIR [options] -- CMD [ARG ...]")
     if not args.stop_timeout > 0:
         raise ConfigError(f"--stop-timeout must be a number of seconds > 0, not {args.stop_timeout}")
-    if args.log is None:
-        args.log = METRICS_LOG
-    config = _run_config(args)
+    config = _run_config(args, default_log=METRICS_LOG)
+    args.log = str(config.log)  # the daemon follows what the layers chose, said explicitly
     sidecar = Sidecar(
         config.run_dir,
         _options_argv(args.run_options, args),

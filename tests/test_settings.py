@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,18 @@ def test_ckptd_run_takes_its_settings_from_config_env_and_run_file_in_that_order
         capture_output=True, text=True, env=env, check=True,
     ).stdout.split()
     assert out[2] == "7", "the command line wins over everything"
+
+
+def test_the_sidecar_follows_the_log_a_run_file_names_not_its_own_default(
+    tmp_path: Path, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    write(run / "ckptd.toml", "[run]\nlog = \"mine.jsonl\"\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptd", "sidecar", "--run-dir", str(run), "--",
+         sys.executable, "-c", "import time; time.sleep(1.5)"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    status = json.loads((run / ".ckptd" / "status.json").read_text())
+    assert status["log"] == str(run / "mine.jsonl")
