@@ -473,13 +473,19 @@ def _sidecar_summary(run_dir: Path) -> None:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
+    from ckptd.policy import BestN
+
     store = _store_for(args)
     records = store.list()
     if not records:
         return _nothing_in(store, args.json)
-    metric = _criterion_for(args, store, records).metric
+    criterion = _criterion_for(args, store, records)
+    metric = criterion.metric
+    # Tags say what each capture was for; a best:M tag stays when a better best comes. The
+    # mark says which one is the best now, as `ckptd best` would answer.
+    best = BestN(criterion, 1).preserve(records)
     if args.json:
-        print(json.dumps([_record_json(store, r) for r in records], indent=1))
+        print(json.dumps([{**_record_json(store, r), "best": r.name in best} for r in records], indent=1))
         return EXIT_OK
     rows = [("STEP", "TAGS", metric.upper(), "SIZE", "AGE", "NAME")]
     now = time.time()
@@ -489,7 +495,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
             (
                 f"{r.step}{late}",
                 ",".join(r.tags) or "-",
-                _fmt_metric(r.metrics.get(metric)),
+                _fmt_metric(r.metrics.get(metric)) + (" *" if r.name in best else ""),
                 _fmt_bytes(r.nbytes),
                 _fmt_age(now - r.created),
                 r.name,
@@ -498,6 +504,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if best:
+        print(f"* the best by {metric} ({criterion.mode})")
     return EXIT_OK
 
 

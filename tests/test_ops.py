@@ -184,3 +184,20 @@ def test_verify_shows_progress_on_a_terminal_and_not_in_a_pipe(
     assert b"% of 320.0 MiB" in screen and b"\x1b[K" in screen, screen[-300:]
     piped = ckptd("verify", str(run))
     assert piped.returncode == 0 and "%" not in piped.stderr and "ok" in piped.stdout
+
+
+def test_ls_marks_the_best_of_now_among_checkpoints_once_tagged_best(
+    tmp_path: Path, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run, "--keep-best", "3")
+    assert train(run, evals(5, 4, 1, 2)) == [10, 20, 30]  # each an improvement, 40 is not
+    wait_for(lambda: steps(run) == [10, 20, 30])
+    assert daemon.stop() == 0
+    assert all("best:eval_loss" in r.tags for r in Store(run / "checkpoints").list())
+    table = ckptd("ls", str(run))
+    marked = [line.split()[0] for line in table.stdout.splitlines() if " *" in line and line[0].isdigit()]
+    assert marked == ["30"] and "* the best by eval_loss (min)" in table.stdout, table.stdout
+    rows = json.loads(ckptd("ls", str(run), "--json").stdout)
+    assert [row["step"] for row in rows if row["best"]] == [30]
