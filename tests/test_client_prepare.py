@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,24 @@ print(json.dumps({"prepared": prepared, "staged": staged, "faults": faults, "sec
 
 
 def capture(run: Path, mode: str) -> dict[str, object]:
-    atomic_write_json(RunPaths(run).status, {"protocol": 1})  # a fresh heartbeat for this trainer
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(run), mode], capture_output=True, text=True, timeout=120
-    )
+    atomic_write_json(RunPaths(run).status, {"protocol": 1})
+    beating = threading.Event()
+
+    def heartbeat() -> None:
+        # A live daemon's heartbeat for as long as the trainer runs: on a loaded machine its
+        # import of torch alone can outlast one written heartbeat, and a stale one pauses captures.
+        while not beating.wait(0.5):
+            os.utime(RunPaths(run).status)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE, str(run), mode], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        beating.set()
+        beat.join()
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
