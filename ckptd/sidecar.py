@@ -9,6 +9,13 @@ command's status (128 + N when signal N killed it).
 
 The daemon runs in its own session: a Ctrl-C in the terminal reaches the command (and this
 process) but not the daemon, which must outlive the command to persist its last capture.
+
+The sidecar is a child subreaper (Linux): a process the command leaves behind (``swift sft``
+is a launcher that runs the real trainer with ``subprocess.run`` and passes no signal on)
+becomes the sidecar's child when its parent exits. Once the command has exited, such
+leftovers get the signal that ended the command (SIGTERM if none did) and are waited for, up
+to ``stop_timeout``, then killed: the daemon is stopped only after the last trainer is gone,
+and no trainer runs on without one.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+import psutil
+
 from ckptd.protocol import RunPaths, daemon_alive
 
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
+_PR_SET_CHILD_SUBREAPER = 36
 _SAY_WAITING_AFTER_S = 2.0  # a daemon still persisting after this is worth a line
 HOOK_DIR = Path(__file__).resolve().with_name("_hook")
 METRICS_LOG = "ckptd-metrics.jsonl"  # what the hooked callback writes, in the run dir
@@ -79,8 +89,10 @@ class Sidecar:
         self.child: subprocess.Popen[bytes] | None = None
         self.received: list[int] = []  # every signal, in order
         self._early: list[int] = []  # signals that came before the command started
+        self._leftovers: list[psutil.Process] = []  # the command's processes that outlived it
 
     def run(self) -> int:
+        _become_subreaper()
         previous = {signum: signal.signal(signum, self._on_signal) for signum in _FORWARDED}
         try:
             return self._run()
@@ -116,6 +128,7 @@ class Sidecar:
             if child.returncode < 0 and -child.returncode in signal.valid_signals()
             else f"exited with status {status}"
         )
+        self._end_leftovers(child)
         say(f"{self.command[0]} {how}; stopping the daemon (it persists what was acknowledged first)")
         self._stop_daemon()
         if self.summary is not None:
@@ -202,6 +215,30 @@ class Sidecar:
         if daemon.returncode != 0:
             say(f"the daemon stopped with status {daemon.returncode}; see its messages above")
 
+    def _end_leftovers(self, child: subprocess.Popen[bytes]) -> None:
+        """Processes of the command's tree that outlived it (re-parented to us): give them the
+        signal that ended the command, wait for them, kill them past ``stop_timeout``."""
+        daemon_pid = self.daemon.pid if self.daemon is not None else -1
+        with contextlib.suppress(psutil.Error):
+            self._leftovers = [p for p in psutil.Process().children() if p.pid != daemon_pid]
+        if not self._leftovers:
+            return
+        signum = self.received[-1] if self.received else signal.SIGTERM
+        pids = ", ".join(str(p.pid) for p in self._leftovers)
+        say(
+            f"{self.command[0]} ended but left {len(self._leftovers)} process(es) running ({pids}); "
+            f"passing them {signal.Signals(signum).name} and waiting up to {self.stop_timeout:g} s"
+        )
+        for process in self._leftovers:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)
+        _gone, alive = psutil.wait_procs(self._leftovers, timeout=self.stop_timeout)
+        for process in alive:
+            say(f"process {process.pid} still running after {self.stop_timeout:g} s; killing it")
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        psutil.wait_procs(alive, timeout=5)
+
     # -- signals --------------------------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -212,6 +249,9 @@ class Sidecar:
             self._early.append(signum)
         else:
             self._forward(child, signum)
+        for process in self._leftovers:  # while they are waited for, they hear what we hear
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signum)
 
     @staticmethod
     def _forward(child: subprocess.Popen[bytes], signum: int) -> None:
@@ -231,6 +271,13 @@ def _terminal_sent_it_to_the_child() -> bool:
         except OSError:
             continue  # not a terminal
     return False
+
+
+def _become_subreaper() -> None:
+    """Orphans of the command's tree become our children, not init's (Linux; elsewhere a
+    no-op): they can then be told to stop, and waited for."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _stop_with(sidecar: int) -> Callable[[], None]:

@@ -311,3 +311,38 @@ def test_end_to_end_a_plain_hf_script_keeps_its_best_eval(tmp_path: Path, shm_ro
     assert Path(best.stdout.strip()).name == f"step-{best_step:08d}"
     assert f"best: {best.stdout.strip()}" in done.stderr
     assert_daemon_stopped(run_dir)
+
+
+LAUNCHER = """
+import subprocess, sys
+# As `swift sft` does: run the real trainer and pass no signal on (SIGTERM kills us at once).
+subprocess.run([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+"""
+TRAINER = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+def stop(signum, frame):
+    (out / "trainer-got").write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+(out / "trainer.pid").write_text(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_a_sigterm_also_ends_the_trainer_a_launcher_leaves_behind(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    argv = sidecar(run_dir, sys.executable, "-c", LAUNCHER, TRAINER, str(tmp_path))
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
+        wait_for(lambda: (tmp_path / "trainer.pid").exists(), timeout=60)
+        trainer = int((tmp_path / "trainer.pid").read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert (tmp_path / "trainer-got").read_text() == "SIGTERM", err
+    assert "left 1 process(es) running" in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(trainer, 0)  # gone, and reaped: no zombie either
+    assert_daemon_stopped(run_dir)

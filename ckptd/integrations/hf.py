@@ -58,10 +58,13 @@ with torch_required():  # without torch: say which extra to install
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptd.client import CheckpointClient, Export
-from ckptd.client.collective import agree
+from ckptd.client.collective import agree, is_leader
 from ckptd.integrations.link import RunLink
 from ckptd.protocol import read_control
 from ckptd.shards import parse_size
+
+LAUNCHER_ARGS_FILE = "args.json"  # ms-swift's record of its command line, in output_dir
+_LAUNCHER_ARGS_MAX = 1 << 20
 
 log = logging.getLogger("ckptd.integrations.hf")
 
@@ -113,7 +116,7 @@ class CkptdCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
+        if not _acts(state):
             return
         self._training = True
         self._prepared = False
@@ -122,7 +125,7 @@ class CkptdCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is not None:
             # Saved once, now: these files do not change while the run trains.
-            self._side_files = _side_files(_unwrap(model), _processing_class(kwargs))
+            self._side_files = _side_files(_unwrap(model), _processing_class(kwargs), args.output_dir)
 
     def on_log(
         self,
@@ -132,7 +135,7 @@ class CkptdCallback(TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not state.is_world_process_zero or logs is None:
+        if not _acts(state) or logs is None:
             return
         handle = self.link.log_file(args.output_dir)
         # NaN and Infinity are written as such: ckptd's jsonl reader takes them.
@@ -143,7 +146,7 @@ class CkptdCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
+        if not _acts(state):
             return
         client = self.link.client(args.output_dir)
         model = kwargs["model"]
@@ -168,7 +171,7 @@ class CkptdCallback(TrainerCallback):
     ) -> None:
         captured = False
         try:
-            if state.is_world_process_zero:
+            if _acts(state):
                 captured = self._evaluated(args, state, control, kwargs)
         finally:
             # Every rank evaluates, so every rank comes here: rank 0 tells the others whether
@@ -203,7 +206,7 @@ class CkptdCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
+        if not _acts(state):
             return
         self._training = False
         self.link.close()
@@ -426,9 +429,33 @@ def _active_adapter(model: torch.nn.Module) -> str:
     return active if isinstance(active, str) else str(active[0])
 
 
-def _side_files(model: torch.nn.Module, processing_class: Any) -> dict[str, bytes]:
-    """The small files ``save_pretrained`` writes beside the weights, saved once by their owners."""
-    files: dict[str, bytes] = {}
+def _launcher_args(output_dir: str | None) -> dict[str, bytes]:
+    if output_dir is None:
+        return {}
+    path = Path(output_dir, LAUNCHER_ARGS_FILE)
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _LAUNCHER_ARGS_MAX:
+            return {}
+        return {LAUNCHER_ARGS_FILE: path.read_bytes()}
+    except OSError:
+        return {}
+
+
+def _acts(state: TrainerState) -> bool:
+    """Whether this process talks to the daemon: the Trainer's world process zero, and rank 0
+    of torch.distributed when a group exists. Both, because a launcher can start a process
+    group the Trainer does not see (ms-swift under torchrun on CPU): every rank is then its
+    "process zero", and two writers of one metrics log would mislabel the best."""
+    return bool(state.is_world_process_zero) and is_leader()
+
+
+def _side_files(
+    model: torch.nn.Module, processing_class: Any, output_dir: str | None = None
+) -> dict[str, bytes]:
+    """The small files ``save_pretrained`` writes beside the weights, saved once by their owners,
+    and the launcher's ``args.json`` from the Trainer's output dir: ms-swift writes one there
+    and copies it into each checkpoint, where ``swift infer --model CKPT`` reads it back."""
+    files: dict[str, bytes] = _launcher_args(output_dir)
     with tempfile.TemporaryDirectory(prefix="ckptd-hf-") as tmp:
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
             processing_class.save_pretrained(os.path.join(tmp, "processor"))
@@ -451,12 +478,30 @@ def _model_files(model: torch.nn.Module, folder: Path) -> dict[str, bytes]:
         name = "dtype" if hasattr(config, "dtype") or not hasattr(config, "torch_dtype") else "torch_dtype"
         setattr(config, name, str(dtype).split(".")[1])
     config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    folder.mkdir(parents=True, exist_ok=True)
+    if _is_remote_code(model):
+        # A trust_remote_code model: its modeling_*.py (and config's auto_map) go with it, as
+        # save_pretrained does, else from_pretrained on the checkpoint cannot find its class.
+        from transformers.dynamic_module_utils import custom_object_save
+
+        custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     can_generate = getattr(model, "can_generate", None)
-    generation_config = getattr(model, "generation_config", None)
+    # ms-swift swaps its run's sampling settings into model.generation_config and keeps the
+    # model's own as origin_generation_config, which is what its checkpoints carry: so do we.
+    generation_config = getattr(model, "origin_generation_config", None) or getattr(
+        model, "generation_config", None
+    )
     if callable(can_generate) and can_generate() and generation_config is not None:
         generation_config.save_pretrained(folder)
     return _plain_files(folder)
+
+
+def _is_remote_code(model: torch.nn.Module) -> bool:
+    check = getattr(model, "is_remote_code", None)  # transformers 5
+    if callable(check):
+        return bool(check())
+    return getattr(model, "_auto_class", None) is not None  # transformers 4: how it decides
 
 
 def _adapter_files(model: torch.nn.Module, folder: Path) -> dict[str, bytes]:
