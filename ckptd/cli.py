@@ -28,7 +28,7 @@ from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
 from ckptd.notify import Notifier
-from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json
+from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json, read_status
 from ckptd.records import CheckpointRecord, Criterion, Mode
 from ckptd.store import MANIFEST, Store
 
@@ -705,11 +705,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _saved_status(run_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(RunPaths(run_dir).status.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_status(RunPaths(run_dir))
 
 
 def _saved_state(run_dir: Path) -> dict[str, Any]:

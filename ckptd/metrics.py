@@ -25,7 +25,6 @@ daemon stays without another dependency. No torch either: the daemon and the CLI
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -42,12 +41,12 @@ from typing import Any
 
 from ckptd.fields import is_count
 from ckptd.protocol import STALE_AFTER_S, RunPaths
+from ckptd.protocol import read_status as protocol_read_status
 
 log = logging.getLogger("ckptd.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_ADDRESS = "127.0.0.1"  # a scrape endpoint is not for the whole network unless asked
-STATUS_MAX_BYTES = 1 << 20  # a status file is a few KiB; a huge one is not read
 _LABEL_MAX_CHARS = 4096
 
 Labels = tuple[tuple[str, str], ...]
@@ -310,13 +309,8 @@ def render(statuses: Sequence[Mapping[str, Any]], now: float | None = None) -> s
 def read_status(run_dir: Path | str) -> dict[str, Any] | None:
     """``RUN/.ckptd/status.json`` with ``run_dir`` set to ``run_dir``; None when there is no
     such file or it is not a JSON object (too large, unreadable, garbage)."""
-    try:
-        with RunPaths(Path(run_dir)).status.open("rb") as handle:
-            raw = handle.read(STATUS_MAX_BYTES + 1)
-        status = json.loads(raw) if len(raw) <= STATUS_MAX_BYTES else None
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(status, dict):
+    status = protocol_read_status(RunPaths(Path(run_dir)))
+    if not status:
         return None
     status["run_dir"] = str(run_dir)
     return status

@@ -16,7 +16,7 @@ from typing import Any
 
 from ckptd.errors import ConfigError
 from ckptd.policy import best_plus_last, plan_deletions
-from ckptd.protocol import RunPaths
+from ckptd.protocol import RunPaths, read_status
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
 
@@ -38,7 +38,7 @@ class Policy:
 def recorded_policy(run_dir: Path, overrides: Mapping[str, Any]) -> Policy:
     """The policy the daemon last reported in status.json, with ``overrides`` (keep_last,
     keep_best, keep_every given on the command line) on top."""
-    status = _status(run_dir)
+    status = read_status(RunPaths(run_dir))
     criteria = status["criteria"] if isinstance(status.get("criteria"), list) else []
     policy = status["policy"] if isinstance(status.get("policy"), dict) else {}
     best: dict[Criterion, int] = {}
@@ -72,14 +72,6 @@ def prune(store: Store, run_dir: Path, policy: Policy, *, dry_run: bool) -> list
             for record in doomed:
                 store.delete(record.name)
     return doomed
-
-
-def _status(run_dir: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(RunPaths(run_dir).status.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return document if isinstance(document, dict) else {}
 
 
 def _state_best_steps(run_dir: Path) -> frozenset[int]:

@@ -396,6 +396,22 @@ def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:
     return max(0.0, (time.time() if now is None else now) - mtime)
 
 
+STATUS_MAX_BYTES = 1 << 20  # a status.json is a few KiB; /dev/zero behind a link stops here
+
+
+def read_status(paths: RunPaths) -> dict[str, Any]:
+    """``status.json`` as a dict; empty when missing, unreadable, too large or not an object.
+    Readers check each field's type where they use it: the file may be another version's."""
+    try:
+        fd = os.open(paths.status, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            raw = handle.read(STATUS_MAX_BYTES + 1)
+        document = json.loads(raw) if len(raw) <= STATUS_MAX_BYTES else None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
 def daemon_alive(paths: RunPaths, stale_after: float = STALE_AFTER_S) -> bool:
     age = heartbeat_age(paths)
     return age is not None and age <= stale_after

@@ -10,6 +10,7 @@ from the pending acks, so there is no second source of truth to get out of step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -146,3 +147,14 @@ def busy_slots(paths: RunPaths) -> set[str]:
         except (FileNotFoundError, ProtocolError):
             continue
     return busy
+
+
+def allocated_bytes(folder: Path) -> int:
+    """Bytes of memory the files below ``folder`` occupy (allocated blocks, not sizes: a slot
+    is reserved larger than what it holds). 0 when there is no such folder."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total

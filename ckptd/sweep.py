@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckptd.protocol import RunPaths, atomic_write_json
-from ckptd.staging import default_shm_root
+from ckptd.staging import allocated_bytes, default_shm_root
 
 MARKER = "run.json"
 PREFIX = "ckptd-"
@@ -60,7 +60,7 @@ def find_orphans(root: Path | None = None, *, grace: float = GRACE_S) -> tuple[l
         run_dir, run_id = marker
         why = _gone(Path(run_dir), run_id)
         if why is not None:
-            orphans.append(Orphan(path, run_dir, why, _allocated(path)))
+            orphans.append(Orphan(path, run_dir, why, allocated_bytes(path)))
     return orphans, unknown
 
 
@@ -119,12 +119,3 @@ def _gone(run_dir: Path, run_id: str) -> str | None:
     if isinstance(current, str) and current != run_id:
         return f"{run_dir} is now run {current}"
     return None
-
-
-def _allocated(path: Path) -> int:
-    total = 0
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-    return total

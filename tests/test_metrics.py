@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import ckptd
 from ckptd import metrics
 from ckptd.metrics import collect, read_status, render, serve_http, write_textfile
-from ckptd.protocol import RunPaths, pending_ack_paths
+from ckptd.protocol import STATUS_MAX_BYTES, RunPaths, pending_ack_paths
 from tests.conftest import append_lines, wait_for
 
 # -- a strict reader of the text format --------------------------------------------------------
@@ -343,7 +343,7 @@ def test_read_status_takes_only_a_json_object_of_sane_size(tmp_path: Path) -> No
     RunPaths(runs[0]).status.write_text(json.dumps({"run_id": "r1", "run_dir": "/elsewhere"}))
     RunPaths(runs[1]).status.write_text('{"run_id": ')
     RunPaths(runs[2]).status.write_text("[1, 2]")
-    RunPaths(runs[3]).status.write_text(json.dumps({"pad": "x" * metrics.STATUS_MAX_BYTES}))
+    RunPaths(runs[3]).status.write_text(json.dumps({"pad": "x" * STATUS_MAX_BYTES}))
     assert collect(runs) == [{"run_id": "r1", "run_dir": str(runs[0])}]  # the dir read, not the claim
 
 

@@ -54,7 +54,7 @@ from ckptd.protocol import (
     write_control,
 )
 from ckptd.records import Best, LogEvent, Verdict
-from ckptd.staging import busy_slots, staging_dir_for
+from ckptd.staging import allocated_bytes, busy_slots, staging_dir_for
 from ckptd.store import Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -627,7 +627,7 @@ class RunDaemon:
                 },
                 "persisted": self._persisted,
                 "persists_in_flight": len(self._queued),
-                "staged_bytes": _bytes_under(self.staging),
+                "staged_bytes": allocated_bytes(self.staging),
                 **self._store_counts(),
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),
@@ -685,17 +685,6 @@ class RunDaemon:
         if not isinstance(status, dict):
             return "holder unknown"
         return f"pid {status.get('pid')} on {status.get('host')}"
-
-
-def _bytes_under(folder: Path) -> int:
-    """Bytes of memory the files below ``folder`` occupy (allocated blocks, not sizes: a slot
-    is reserved larger than what it holds). 0 when there is no such folder."""
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
 
 
 def _young(path: Path) -> bool:
