@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -158,3 +159,22 @@ def allocated_bytes(folder: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
+
+
+def not_private(folder: Path) -> str | None:
+    """Why ``folder`` is not a staging dir only this user can touch, or None when it is (or is
+    not there yet). Another user's folder at that name (``/dev/shm`` is shared and the run id
+    is no secret) would let that user read the weights and forge a slot."""
+    try:
+        info = os.lstat(folder)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return f"{folder} is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{folder} is not a directory"
+    if info.st_uid != os.geteuid():
+        return f"{folder} belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()})"
+    if info.st_mode & 0o022:  # slots are 0600: only a writable folder lets others swap them
+        return f"{folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):o})"
+    return None

@@ -553,3 +553,15 @@ def test_slots_that_are_links_are_never_written_or_emptied_through(paths: RunPat
     assert sorted(p.name for p in victim.iterdir()) == ["file.bin", "keep.txt"]
     assert (victim / "file.bin").read_bytes() == b"precious"
     assert "symbolic link" in client_file(paths)["last_skip_reason"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a folder another user's needs root")
+def test_a_staging_dir_another_user_owns_is_never_written(paths: RunPaths) -> None:
+    staging = staging_dir_for(RUN_ID)
+    staging.mkdir(parents=True)
+    os.chown(staging, 65534, 65534)  # squatted: the run id is no secret, /dev/shm is shared
+    ask(paths, 1, every=1)
+    with CheckpointClient(paths.run_dir) as client:
+        assert client.maybe_snapshot(1, model_state) is False
+    assert list(staging.iterdir()) == []
+    assert "belongs to uid 65534" in client_file(paths)["last_skip_reason"]

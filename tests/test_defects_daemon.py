@@ -438,7 +438,7 @@ def test_a_periodic_capture_of_the_best_step_is_ranked_after_a_restart(
     assert ckptd("best", str(run)).returncode == 0
 
 
-def test_a_symlinked_staging_dir_is_refused_and_nothing_is_deleted_through_it(
+def test_a_symlinked_or_foreign_staging_dir_is_never_used_and_nothing_is_deleted_through_it(
     tmp_path: Path, daemons, shm_root: Path
 ) -> None:
     run = tmp_path / "run"
@@ -448,10 +448,21 @@ def test_a_symlinked_staging_dir_is_refused_and_nothing_is_deleted_through_it(
     victim = tmp_path / "victim"
     (victim / "sub").mkdir(parents=True)
     (victim / "sub" / "keep.txt").write_text("keep")
-    (shm_root / f"ckptd-{run_id}").symlink_to(victim)
-    refused = ckptd("run", str(run))
-    assert refused.returncode == 2 and "symlink" in refused.stderr, refused.stderr
+    (shm_root / f"ckptd-{run_id}").symlink_to(victim)  # squatted: /dev/shm is everyone's
+    daemon = daemons(run)
+    fresh = json.loads(RunPaths(run).state.read_text())["run_id"]
+    assert fresh != run_id, "a new run id, so a staging dir nobody prepared"
+    assert daemon.stop() == 0
+    assert "not private" in daemon.log() and "symbolic link" in daemon.log()
     assert (victim / "sub" / "keep.txt").read_text() == "keep"
+    assert (shm_root / f"ckptd-{run_id}").is_symlink(), "left alone, not removed through"
+
+    squat = shm_root / f"ckptd-{fresh}"
+    squat.mkdir()
+    squat.chmod(0o777)  # another user's folder would be: open to the squatter
+    again = daemons(run)
+    assert json.loads(RunPaths(run).state.read_text())["run_id"] not in (run_id, fresh)
+    assert again.stop() == 0 and "writable by other users" in again.log()
 
 
 def test_a_slot_that_links_outside_is_never_copied(tmp_path: Path, daemons, shm_root: Path) -> None:

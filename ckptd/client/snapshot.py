@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptd.errors import SnapshotError, UnsupportedLeafError
-from ckptd.staging import STRUCTURE_FILE, TENSORS_FILE, Layout, TensorEntry, plan_layout
+from ckptd.staging import STRUCTURE_FILE, TENSORS_FILE, Layout, TensorEntry, not_private, plan_layout
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -335,6 +335,10 @@ class Slot:
 
     def _create(self, capacity: int) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for folder in (self.directory.parent, self.directory):
+            problem = not_private(folder)
+            if problem is not None:
+                raise SnapshotError(f"refusing to stage into it: {problem}")
         self._refuse_links()
         fd = _open_for_writing(self.tensors_path, os.O_RDWR)
         try:

@@ -54,7 +54,7 @@ from ckptd.protocol import (
     write_control,
 )
 from ckptd.records import Best, LogEvent, Verdict
-from ckptd.staging import allocated_bytes, busy_slots, staging_dir_for
+from ckptd.staging import allocated_bytes, busy_slots, not_private, staging_dir_for
 from ckptd.store import Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -117,6 +117,9 @@ class RunDaemon:
         self._wakeups.put(Wake("reconfigure", config))
 
     def run(self) -> int:
+        if self.paths.meta.is_symlink():
+            # Never through a link: lock, state and control would be written wherever it points.
+            raise ConfigError(f"{self.paths.meta} is a symbolic link; ckptd will not follow it")
         self.paths.meta.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = FileLock(str(self.paths.lock), timeout=0)
         try:
@@ -142,6 +145,10 @@ class RunDaemon:
     def _start(self) -> None:
         self.paths.acks.mkdir(mode=0o700, exist_ok=True)
         self._state = self._load_or_create_state()
+        squatted = not_private(self.staging)
+        if squatted is not None:
+            # Not ours: a new run id gives a new staging dir nobody else prepared.
+            self._state = self._fresh_run_id(self._state, f"its staging dir is not private: {squatted}")
         self._source = open_source(
             self.config.log,
             self.config.log_format,
@@ -213,21 +220,18 @@ class RunDaemon:
         )
 
     def _as_copy(self, state: DaemonState) -> DaemonState:
-        """A run dir copied with its .ckptd/ gets its own run id, so its own staging slots.
+        """A run dir copied with its .ckptd/ gets its own run id, so its own staging slots."""
+        copied = f"it is a copy of {state.run_dir or 'another run'} (another directory)"
+        return self._fresh_run_id(state, copied).with_(caught_up=False)
 
-        Its pending acks name slots of the original run: committing them could store the
-        other run's weights, so they are set aside.
-        """
-        fresh = state.with_(run_id=new_run_id(), caught_up=False)
-        log.warning(
-            "%s is a copy of %s (another directory): it gets its own run id %s (was %s)",
-            self.config.run_dir,
-            state.run_dir or "another run",
-            fresh.run_id,
-            state.run_id,
-        )
+    def _fresh_run_id(self, state: DaemonState, why: str) -> DaemonState:
+        """A new run id, so a new staging dir. Pending acks name slots of the old one, which
+        may hold another run's (or another user's) bytes: they are set aside."""
+        fresh = state.with_(run_id=new_run_id())
+        run_dir, old = self.config.run_dir, state.run_id
+        log.warning("%s: %s; it gets a new run id %s (was %s)", run_dir, why, fresh.run_id, old)
         for path in pending_ack_paths(self.paths):
-            self._reject(path, f"it was copied from {state.run_dir or 'another run'} with the run dir")
+            self._reject(path, f"its slot is from run id {state.run_id}: {why}")
         return fresh
 
     def _make_staging(self) -> None:
