@@ -348,6 +348,8 @@ def write_textfile(path: Path | str, text: str) -> None:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    # An idle connection is dropped after this long: each holds a thread until then.
+    timeout = 10
     server: _Server
 
     def do_GET(self) -> None:

@@ -8,7 +8,6 @@ and never one at a step the daemon's state names as a best.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,11 @@ from typing import Any
 
 from ckptd.errors import ConfigError
 from ckptd.policy import best_plus_last, plan_deletions
-from ckptd.protocol import RunPaths, read_status
+from ckptd.protocol import RunPaths, read_small_json, read_status
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
+
+_STATE_MAX_BYTES = 16 << 20  # a state.json is KiBs; /dev/zero behind a link stops here
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,17 @@ def recorded_policy(run_dir: Path, overrides: Mapping[str, Any]) -> Policy:
 
 
 def prune(store: Store, run_dir: Path, policy: Policy, *, dry_run: bool) -> list[CheckpointRecord]:
-    """Delete (or, ``dry_run``, list) what ``policy`` does not keep; return those records."""
+    """Delete (or, ``dry_run``, list) what ``policy`` does not keep; return those records.
+
+    Only the run's own store: the policy and the bests protected come from ``run_dir``'s
+    files, so applied to another run's store (``--store``, or a copied run dir whose state
+    still names the original's) they could delete that run's best."""
+    owner = store.owner_run_dir()
+    if owner is not None and Path(owner).resolve() != run_dir.resolve():
+        raise ConfigError(
+            f"{store.root} is the store of {owner}, not of {run_dir}: prune that run instead "
+            "(its policy and its bests are the ones that count)"
+        )
     lineage = store.lineage()
     protected_steps = _state_best_steps(run_dir)
     with store.lock(timeout=60):
@@ -77,7 +88,7 @@ def prune(store: Store, run_dir: Path, policy: Policy, *, dry_run: bool) -> list
 def _state_best_steps(run_dir: Path) -> frozenset[int]:
     """Steps the daemon's state names as a best: never pruned, whatever a manifest says."""
     try:
-        state = json.loads(RunPaths(run_dir).state.read_bytes())
+        state = read_small_json(RunPaths(run_dir).state, _STATE_MAX_BYTES)
     except (OSError, ValueError, RecursionError):
         return frozenset()
     bests = state.get("bests") if isinstance(state, dict) else None

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Mapping
@@ -403,13 +404,24 @@ def read_status(paths: RunPaths) -> dict[str, Any]:
     """``status.json`` as a dict; empty when missing, unreadable, too large or not an object.
     Readers check each field's type where they use it: the file may be another version's."""
     try:
-        fd = os.open(paths.status, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as handle:
-            raw = handle.read(STATUS_MAX_BYTES + 1)
-        document = json.loads(raw) if len(raw) <= STATUS_MAX_BYTES else None
+        document = read_small_json(paths.status, STATUS_MAX_BYTES)
     except (OSError, ValueError, RecursionError):
         return {}
     return document if isinstance(document, dict) else {}
+
+
+def read_small_json(path: Path, limit: int) -> object:
+    """A JSON file someone else may have planted: no link followed (the daemon replaces its
+    files by rename, so a link there was put there), no FIFO waited on, a regular file only,
+    at most ``limit`` bytes. Raises OSError or ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"{path} is larger than {limit} bytes")
+    return json.loads(raw)
 
 
 def daemon_alive(paths: RunPaths, stale_after: float = STALE_AFTER_S) -> bool:
@@ -448,6 +460,9 @@ def write_request(paths: RunPaths, tag: str) -> Path:
 def take_requests(paths: RunPaths, on_error: Any) -> list[str]:
     """The tags of the request files waiting (oldest first), each file removed as it is read;
     a bad one is removed too and reported through ``on_error(message)``."""
+    if paths.requests.is_symlink():
+        on_error(f"ignored {paths.requests}: a symbolic link (requests are never read through one)")
+        return []
     try:
         with os.scandir(paths.requests) as entries:
             # Plain files only: a link or a folder named *.json is no request (and a link is

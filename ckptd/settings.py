@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ ENV_PREFIX = "CKPTD_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Check = Callable[[object], bool]
+_MAX_SECONDS = 10**7  # about 115 days: beyond it a timeout is a typo (and overflows a wait)
+_MAX_CONFIG_BYTES = 1 << 20
 
 
 def _is_str(value: object) -> bool:
@@ -51,7 +54,7 @@ def _is_positive(value: object) -> bool:
 
 
 def _is_seconds(value: object) -> bool:
-    return _is_finite(value) and float(value) > 0  # type: ignore[arg-type]
+    return _is_finite(value) and 0 < float(value) <= _MAX_SECONDS  # type: ignore[arg-type]
 
 
 def _is_delta(value: object) -> bool:
@@ -102,7 +105,7 @@ RUN_KEYS: dict[str, Key] = {
     "step_key": Key(_is_str, "a dotted JSON key, e.g. \"trainer.step\""),
     "regex": Key(_is_str, "a regular expression with a (?P<step>...) group"),
     "poll": Key(_is_bool, "true or false"),
-    "poll_interval": Key(_is_seconds, "a number of seconds > 0"),
+    "poll_interval": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
 }
 # Only in the file `ckptd run --config` names (a systemd instance's file): which run it is.
 RUN_DIR_KEY = "dir"
@@ -111,9 +114,9 @@ SERVE_KEYS: dict[str, Key] = {
     "roots": Key(lambda v: _is_strings(v) and bool(v), "a non-empty list of directories"),
     "adopt": Key(_is_strings, 'a list of log globs relative to a root, e.g. ["*/logging.jsonl"]'),
     "run_file": Key(lambda v: _is_str(v) and "/" not in str(v), "a file name (no /)"),
-    "scan_interval": Key(_is_seconds, "a number of seconds > 0"),
-    "idle_timeout": Key(_is_seconds, "a number of seconds > 0"),
-    "drain_timeout": Key(_is_seconds, "a number of seconds > 0"),
+    "scan_interval": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
+    "idle_timeout": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
+    "drain_timeout": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
     "max_runs": Key(_is_positive, "an integer >= 1"),
     "metrics_textfile": Key(_is_str, "a file path (node-exporter's textfile collector)"),
     "metrics_port": Key(_is_port, "a TCP port, 0 to 65535 (0: off)"),
@@ -165,14 +168,21 @@ def load_file(path: str | os.PathLike[str], *, tables: tuple[str, ...] = ("run",
     """Read and check one TOML file; ``tables`` are the tables this kind of file may hold."""
     where = Path(path)
     try:
-        with where.open("rb") as handle:
-            document = tomllib.load(handle)
+        # O_NONBLOCK: a FIFO named as the config must not hang the daemon (or its reload).
+        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError(f"{where}: not a regular file")
+            raw = handle.read(_MAX_CONFIG_BYTES + 1)
+        if len(raw) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{where}: larger than {_MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+        document = tomllib.loads(raw.decode())
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{where}: not valid TOML: {type(exc).__name__}: {exc}") from None
     return _checked(where, document, tables)
 
 

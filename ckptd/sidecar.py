@@ -141,7 +141,7 @@ class Sidecar:
     def _start_daemon(self) -> int | None:
         """Start ``ckptd run`` and wait for a heartbeat of its own; an exit status if it failed."""
         self.daemon = daemon = subprocess.Popen(
-            self.daemon_argv, start_new_session=True, preexec_fn=_stop_with(os.getpid())
+            self.daemon_argv, start_new_session=True, preexec_fn=stop_with(os.getpid())
         )
         deadline = time.monotonic() + self.ready_timeout
         while not self._heartbeat_is(daemon.pid):
@@ -280,8 +280,8 @@ def _become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def _stop_with(sidecar: int) -> Callable[[], None]:
-    """For the daemon's process, before exec: SIGTERM it when the sidecar dies, however it dies
+def stop_with(parent: int) -> Callable[[], None]:
+    """For a child process, before exec: SIGTERM it when ``parent`` dies, however it dies
     (a SIGKILL, the OOM killer). Else an orphaned daemon would follow the run for good and
     refuse every later sidecar on it. Linux only; elsewhere the daemon outlives a killed
     sidecar as before."""
@@ -289,7 +289,7 @@ def _stop_with(sidecar: int) -> Callable[[], None]:
     def arm() -> None:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != sidecar:  # the sidecar died before the request took effect
+        if os.getppid() != parent:  # the parent died before the request took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
     return arm

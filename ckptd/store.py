@@ -333,6 +333,11 @@ class Store:
             atomic_write_json(self.root / OWNER_NAME, document, durable=True)
         return frozenset(lineage)
 
+    def owner_run_dir(self) -> str | None:
+        """The run dir the owner file names (the run whose daemon claimed the store last)."""
+        owner = self._read_owner()
+        return owner.text("run_dir", "") or None if owner is not None else None
+
     def lineage(self) -> frozenset[str]:
         """The run ids the owner file names (the store's run and its earlier owners): whose
         checkpoints retention may delete. Empty for a store no daemon has claimed."""

@@ -13,7 +13,6 @@ through a symbolic link, and only ``ckptd-*`` directories of the shm root are co
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import stat
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd.protocol import RunPaths, atomic_write_json
+from ckptd.protocol import RunPaths, atomic_write_json, read_small_json
 from ckptd.staging import allocated_bytes, default_shm_root
 
 MARKER = "run.json"
@@ -92,9 +91,7 @@ def _touched_within(path: Path, grace: float) -> bool:
 
 def _read_marker(path: Path) -> tuple[str, str] | None:
     try:
-        fd = os.open(path / MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as handle:
-            document = json.loads(handle.read(_MARKER_BYTES))
+        document = read_small_json(path / MARKER, _MARKER_BYTES)
     except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(document, dict):
@@ -106,11 +103,17 @@ def _read_marker(path: Path) -> tuple[str, str] | None:
 
 
 def _gone(run_dir: Path, run_id: str) -> str | None:
-    """Why the run can no longer use its staging dir, or None while it might."""
-    if not run_dir.is_dir():
-        return f"its run dir {run_dir} is gone"
+    """Why the run can no longer use its staging dir, or None while it might (or when that
+    cannot be told: an unreadable run dir is not a gone one)."""
     try:
-        state = json.loads(RunPaths(run_dir).state.read_bytes())
+        if not stat.S_ISDIR(os.lstat(run_dir).st_mode):
+            return f"its run dir {run_dir} is gone"
+    except FileNotFoundError:
+        return f"its run dir {run_dir} is gone"
+    except OSError:
+        return None  # not ours to see (another user's 0700 folder): nothing proven
+    try:
+        state = read_small_json(RunPaths(run_dir).state, _MARKER_BYTES)
     except FileNotFoundError:
         return f"{run_dir} has no ckptd state any more"
     except (OSError, ValueError, RecursionError):

@@ -41,6 +41,7 @@ from ckptd.notify import Notifier
 from ckptd.policy import best_plus_last, judge
 from ckptd.protocol import (
     PROTOCOL_VERSION,
+    Ack,
     Control,
     RunPaths,
     StandingVerdict,
@@ -65,6 +66,7 @@ _SLOT_TRIES = 3  # an ack whose slot is gone or overwritten is set aside after t
 _SLOT_RETRY_S = 1.0
 _YOUNG_S = 3.0  # an unreadable ack younger than this may still be being written: look again
 _STORE_COUNT_EVERY_S = 10.0
+_MAX_TAGS = 8  # a standing verdict takes no more request tags: a flood of requests is one capture
 _UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
 
 
@@ -454,7 +456,11 @@ class RunDaemon:
         both, and a best is never pushed aside by a manual request."""
         for tag in take_requests(self.paths, self._error):
             standing = self._state.last_snapshot
-            step = standing.verdict.eval_step if standing else self._state.judged_step
+            if standing is not None and len(standing.verdict.tags) >= _MAX_TAGS:
+                log.warning("snapshot request (tag %s) ignored: one is already asked for", tag)
+                continue
+            # Step 0 before any eval was judged: the trainer's next step is past it either way.
+            step = standing.verdict.eval_step if standing else max(self._state.judged_step, 0)
             verdict = Verdict(step, "snapshot", (tag,), f"requested by ckptd request (tag {tag})")
             self._publish(self._with_standing(verdict))
             log.info("snapshot requested (tag %s): captured at the trainer's next step", tag)
@@ -504,7 +510,7 @@ class RunDaemon:
                     continue
                 self._reject(path, str(exc))
                 continue
-            metrics = self._metrics_at(ack.eval_step)
+            metrics = self._metrics_at(ack.eval_step) if _ranked_by_its_eval(ack) else {}
             standing = self._state.last_snapshot
             if standing is not None and ack.seq == standing.seq:
                 self._state = self._state.with_(last_snapshot=None)  # answered: it stands no more
@@ -689,6 +695,13 @@ class RunDaemon:
         if not isinstance(status, dict):
             return "holder unknown"
         return f"pid {status.get('pid')} on {status.get('host')}"
+
+
+def _ranked_by_its_eval(ack: Ack) -> bool:
+    """Whether the eval at the ack's step may rank its capture: a capture of that very step,
+    or a best captured late. A requested snapshot (``ckptd request``) taken steps after the
+    last eval holds other weights: given that eval's metrics, it would rank as a best."""
+    return ack.captured_step == ack.eval_step or any(tag.startswith("best:") for tag in ack.tags)
 
 
 def _young(path: Path) -> bool:

@@ -48,7 +48,7 @@ def find_runs(settings: ServeSettings) -> list[Candidate]:
     """Every run that opts in under the roots, once each (a run file wins over a glob)."""
     found: dict[Path, Candidate] = {}
     for root in settings.roots:
-        for candidate in _globbed(root, settings.adopt):
+        for candidate in _globbed(root, settings.adopt, settings.run_file):
             found.setdefault(candidate.run_dir, candidate)
         for candidate in _with_run_file(root, settings.run_file):
             found[candidate.run_dir] = candidate
@@ -60,7 +60,9 @@ def _with_run_file(root: Path, name: str) -> list[Candidate]:
     base = len(root.parts)
     for folder, dirs, files in os.walk(root, followlinks=False):
         here = Path(folder)
-        if name in files and (candidate := _candidate(here, root, "run file")) is not None:
+        # The root itself is no run: a run file there would hide every run below it.
+        candidate = _candidate(here, root, name, "run file") if here != root and name in files else None
+        if candidate is not None:
             out.append(candidate)
             dirs[:] = []  # a run's own folders are not runs
             continue
@@ -69,27 +71,55 @@ def _with_run_file(root: Path, name: str) -> list[Candidate]:
     return out
 
 
-def _globbed(root: Path, patterns: tuple[str, ...]) -> list[Candidate]:
+def _globbed(root: Path, patterns: tuple[str, ...], run_file: str) -> list[Candidate]:
     out: list[Candidate] = []
     for pattern in patterns:
         with contextlib.suppress(OSError, ValueError):  # a root gone, a pattern glob refuses
             for log in root.glob(pattern):
-                candidate = _candidate(log.parent, root, f"log matches {pattern!r}", log)
+                if _skipped(log.relative_to(root)):
+                    continue  # ckptd's own folders (.ckptd, a store) and hidden ones are no runs
+                candidate = _candidate(log.parent, root, run_file, f"log matches {pattern!r}", log)
                 if candidate is not None and _is_plain_file(log):
                     out.append(candidate)
     return out
 
 
-def _candidate(run_dir: Path, root: Path, how: str, log: Path | None = None) -> Candidate | None:
-    """The run at ``run_dir`` if it is a real directory inside ``root`` (no link on the way)."""
+def _skipped(relative: Path) -> bool:
+    return any(part in _SKIPPED or part.startswith(".") for part in relative.parts[:-1])
+
+
+def _candidate(
+    run_dir: Path, root: Path, run_file: str, how: str, log: Path | None = None
+) -> Candidate | None:
+    """The run at ``run_dir`` if it is a real directory inside ``root`` (no link on the way),
+    named by its real path (two ways to one folder are one run), and trusted (``trusted``)."""
     try:
-        info = run_dir.lstat()
-        inside = run_dir.resolve().is_relative_to(root.resolve())
+        real = run_dir.resolve()
+        info = real.lstat()
+        inside = real.is_relative_to(root.resolve()) and real != root.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop on the way
+        return None
+    if not stat.S_ISDIR(info.st_mode) or not inside or not trusted(real, info, run_file):
+        return None
+    if log is not None:
+        log = real / log.name
+    return Candidate(real, info.st_uid, info.st_gid, log, how)
+
+
+def trusted(run_dir: Path, info: os.stat_result, run_file: str) -> bool:
+    """Whether the run dir's owner alone decides what it holds: a folder others may write
+    (a shared 1777 scratch dir) or a run file another user wrote could make the daemon, which
+    acts with the folder owner's rights (root's, for a root-owned one), follow and write what
+    that other user chose."""
+    if info.st_mode & 0o022:
+        return False
+    try:
+        owner = os.lstat(run_dir / run_file).st_uid
+    except FileNotFoundError:
+        return True
     except OSError:
-        return None
-    if not stat.S_ISDIR(info.st_mode) or not inside:
-        return None
-    return Candidate(Path(os.path.abspath(run_dir)), info.st_uid, info.st_gid, log, how)
+        return False
+    return owner == info.st_uid
 
 
 def _is_plain_file(path: Path) -> bool:

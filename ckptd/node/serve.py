@@ -35,7 +35,7 @@ from ckptd.daemon import RunDaemon
 from ckptd.errors import CkptdError, DaemonAlreadyRunning
 from ckptd.node.discover import Candidate, find_runs, fingerprint, idle_for, trainer_alive
 from ckptd.notify import Notifier, child_environ
-from ckptd.protocol import RunPaths, pending_ack_paths
+from ckptd.protocol import RunPaths, daemon_alive, pending_ack_paths, read_status
 from ckptd.settings import (
     FileSettings,
     ServeSettings,
@@ -45,6 +45,7 @@ from ckptd.settings import (
     run_config,
     run_file_of,
 )
+from ckptd.sidecar import stop_with
 
 log = logging.getLogger("ckptd.serve")
 
@@ -164,12 +165,18 @@ class NodeDaemon:
     def _scan(self) -> None:
         """Adopt every run that opted in and is not served yet; release the finished ones."""
         self._candidates = [c for c in find_runs(self.settings) if self._mine(c)]
+        wanted = {c.run_dir for c in self._candidates}
+        for run_dir, served in self._served.items():
+            if run_dir not in wanted:
+                # Its root left the config, or its run file was removed: it opted out.
+                log.info("%s: no longer opts in; its daemon stops", run_dir)
+                served.daemon.request_stop("no longer opted in")
         for candidate in self._candidates:
             if candidate.run_dir in self._served:
                 self._release_if_done(self._served[candidate.run_dir])
             elif self._delegated(candidate):
                 continue
-            elif not self._still_released(candidate.run_dir):
+            elif not self._still_released(candidate.run_dir) and not self._followed_elsewhere(candidate):
                 self._adopt(candidate)
         self._ensure_workers()
 
@@ -178,6 +185,18 @@ class NodeDaemon:
         if released is None or fingerprint(released[0]) != released[1]:
             self._released.pop(run_dir, None)
             return False
+        return True
+
+    def _followed_elsewhere(self, candidate: Candidate) -> bool:
+        """A live heartbeat from another process: a `ckptd run`, a sidecar or another node
+        daemon follows it. Said once; no thread is started just to meet its lock."""
+        paths = RunPaths(candidate.run_dir)
+        if not daemon_alive(paths):
+            return False
+        pid = read_status(paths).get("pid")
+        if pid == os.getpid():
+            return False
+        self._refuse(candidate.run_dir, f"another ckptd (pid {pid}) follows it; left to it")
         return True
 
     def _mine(self, candidate: Candidate) -> bool:
@@ -336,7 +355,11 @@ class NodeDaemon:
                 self._worker_retry[uid] = time.monotonic() + _WORKER_RESTART_S
                 del self._workers[uid]
             if time.monotonic() >= self._worker_retry.get(uid, 0.0):
-                self._workers[uid] = Worker(uid, self._spawn_worker(uid, gid))
+                try:
+                    self._workers[uid] = Worker(uid, self._spawn_worker(uid, gid))
+                except OSError as exc:  # that user cannot run our Python: their runs wait, others go on
+                    self._worker_retry[uid] = time.monotonic() + _WORKER_RESTART_S
+                    self._refuse(Path(f"uid {uid}"), f"cannot start a worker as uid {uid}: {exc}")
 
     def _spawn_worker(self, uid: int, gid: int) -> subprocess.Popen[bytes]:
         """The same daemon as the run's owner: its uid, its primary group, its groups."""
@@ -350,13 +373,20 @@ class NodeDaemon:
         env = child_environ(os.environ)  # systemd talks to this process, not its workers
         env["HOME"] = home
         log.info("starting a worker for uid %d", uid)
+        # PDEATHSIG: a worker whose root daemon died (SIGKILL, OOM) stops too, instead of
+        # serving on with stale settings and blocking the next daemon's worker.
+        lifeline = stop_with(os.getpid())
         return subprocess.Popen(
-            argv, user=uid, group=gid, extra_groups=groups, env=env, cwd="/", start_new_session=False
+            argv, user=uid, group=gid, extra_groups=groups, env=env, cwd="/", preexec_fn=lifeline
         )
 
     def _sweep(self) -> None:
         """Staging dirs in shared memory whose run is gone: memory given back to the node."""
-        orphans, _unknown = sweep.find_orphans()
+        try:
+            orphans, _unknown = sweep.find_orphans()
+        except Exception as exc:  # a planted marker must never stop the node's loop
+            log.error("sweeping shared memory failed: %s: %s", type(exc).__name__, exc)
+            return
         for orphan in orphans:
             try:
                 sweep.remove(orphan)
