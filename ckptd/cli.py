@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptd import __version__, settings
+from ckptd import __version__, settings, stacks
 from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
@@ -362,7 +361,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     # `kill -USR1 PID` prints every thread's stack to stderr: a daemon that seems stuck can be
     # looked into without stopping it.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stacks.install(signal.SIGUSR1)
 
     logging.basicConfig(
         level=_log_level(args.log_level, "warning" if args.quiet else "info"),
@@ -878,7 +877,7 @@ def _add_serve(commands: Any) -> None:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ckptd.node import serve
 
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    stacks.install(signal.SIGUSR1)
     file = settings.load_file(args.config)
     logging.basicConfig(
         level=_log_level(args.log_level, file.serve_settings().log_level),
