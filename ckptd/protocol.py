@@ -411,17 +411,24 @@ def read_status(paths: RunPaths) -> dict[str, Any]:
 
 
 def read_small_json(path: Path, limit: int) -> object:
-    """A JSON file someone else may have planted: no link followed (the daemon replaces its
-    files by rename, so a link there was put there), no FIFO waited on, a regular file only,
-    at most ``limit`` bytes. Raises OSError or ValueError."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
-    with os.fdopen(fd, "rb") as handle:
+    """A JSON file someone else may have planted (see ``read_small_file``). Raises OSError or
+    ValueError."""
+    return json.loads(read_small_file(path, limit))
+
+
+def read_small_file(path: Path, limit: int, *, follow: bool = False) -> bytes:
+    """The bytes of a file someone else may have planted: no FIFO waited on, a regular file
+    only, at most ``limit`` bytes, and (unless ``follow``) no link followed: the daemon
+    replaces its own files by rename, so a link there was put there. Raises OSError or
+    ValueError."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    with os.fdopen(os.open(path, flags), "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file")
+            raise ValueError(f"{path}: not a regular file")
         raw = handle.read(limit + 1)
     if len(raw) > limit:
-        raise ValueError(f"{path} is larger than {limit} bytes")
-    return json.loads(raw)
+        raise ValueError(f"{path}: larger than {limit} bytes")
+    return raw
 
 
 def daemon_alive(paths: RunPaths, stale_after: float = STALE_AFTER_S) -> bool:

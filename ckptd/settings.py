@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 from ckptd.config import RunConfig
 from ckptd.errors import ConfigError
 from ckptd.logs.detect import FORMATS
+from ckptd.protocol import read_small_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -168,14 +168,9 @@ def load_file(path: str | os.PathLike[str], *, tables: tuple[str, ...] = ("run",
     """Read and check one TOML file; ``tables`` are the tables this kind of file may hold."""
     where = Path(path)
     try:
-        # O_NONBLOCK: a FIFO named as the config must not hang the daemon (or its reload).
-        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                raise ConfigError(f"{where}: not a regular file")
-            raw = handle.read(_MAX_CONFIG_BYTES + 1)
-        if len(raw) > _MAX_CONFIG_BYTES:
-            raise ConfigError(f"{where}: larger than {_MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+        # A FIFO named as the config must not hang the daemon (or its reload); a link to
+        # /etc/ckptd/... is fine: the admin put it there.
+        raw = read_small_file(where, _MAX_CONFIG_BYTES, follow=True)
         document = tomllib.loads(raw.decode())
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such config file") from None
@@ -183,6 +178,8 @@ def load_file(path: str | os.PathLike[str], *, tables: tuple[str, ...] = ("run",
         raise ConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError(f"{where}: not valid TOML: {type(exc).__name__}: {exc}") from None
+    except ValueError as exc:  # not a regular file, or too large
+        raise ConfigError(f"{exc}; not a config file") from None
     return _checked(where, document, tables)
 
 
