@@ -69,6 +69,11 @@ class RunPaths:
         return self.meta / "lock"
 
     @property
+    def client_lock(self) -> Path:
+        """The flock the run's one capturing client holds for its life (the pid inside)."""
+        return self.meta / "client.lock"
+
+    @property
     def client_report(self) -> Path:
         return self.meta / "client.json"
 

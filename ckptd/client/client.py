@@ -50,9 +50,6 @@ from ckptd.staging import (
 log = logging.getLogger("ckptd.client")
 
 StateFn = Callable[[], Any]
-# In .ckptd/: the lock one client per run holds (its pid inside), and that client's counters.
-CLIENT_LOCK = "client.lock"
-CLIENT_FILE = "client.json"
 
 
 @dataclass(frozen=True)
@@ -361,7 +358,7 @@ class CheckpointClient:
         """
         if self._lock_fd is not None or self._passive:
             return not self._passive
-        path = self.paths.meta / CLIENT_LOCK
+        path = self.paths.client_lock
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -495,7 +492,7 @@ class CheckpointClient:
         self._warn_once(
             f"skip:{kind}",
             f"snapshot of step {step} not taken: {reason} (later skips of this kind are only "
-            f"counted, in {self.paths.meta / CLIENT_FILE})",
+            f"counted, in {self.paths.client_report})",
         )
         self._write_counters(step, reason)
         return False
@@ -511,9 +508,9 @@ class CheckpointClient:
             "updated": time.time(),
         }
         try:
-            atomic_write_json(self.paths.meta / CLIENT_FILE, document)
+            atomic_write_json(self.paths.client_report, document)
         except OSError as exc:
-            self._warn_once("client-file", f"cannot write {self.paths.meta / CLIENT_FILE}: {exc}")
+            self._warn_once("client-file", f"cannot write {self.paths.client_report}: {exc}")
 
     def _slot(self, staging: Path, name: str) -> Slot:
         slot = self._slots.get(name)

@@ -9,7 +9,6 @@ control file, status heartbeat), so there is no shared mutable state to lock.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -50,6 +49,7 @@ from ckptd.protocol import (
     read_ack,
     read_client_report,
     read_control,
+    read_status,
     take_requests,
     verdict_to_json,
     write_control,
@@ -688,13 +688,8 @@ class RunDaemon:
             )
 
     def _holder(self) -> str:
-        try:
-            status = json.loads(self.paths.status.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return "holder unknown"
-        if not isinstance(status, dict):
-            return "holder unknown"
-        return f"pid {status.get('pid')} on {status.get('host')}"
+        status = read_status(self.paths)
+        return f"pid {status.get('pid')} on {status.get('host')}" if status else "holder unknown"
 
 
 def _ranked_by_its_eval(ack: Ack) -> bool:

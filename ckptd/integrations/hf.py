@@ -57,10 +57,9 @@ with torch_required():  # without torch: say which extra to install
     import torch
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ckptd.client import CheckpointClient, Export
+from ckptd.client import Export
 from ckptd.client.collective import agree, is_leader
 from ckptd.integrations.link import RunLink
-from ckptd.protocol import read_control
 from ckptd.shards import parse_size
 
 LAUNCHER_ARGS_FILE = "args.json"  # ms-swift's record of its command line, in output_dir
@@ -189,7 +188,7 @@ class CkptdCallback(TrainerCallback):
         try:
             verdict = client.wait_verdict(step)
             deferred, self._deferred_step = self._deferred_step, -1
-            if self._training and step == deferred and _on_schedule(client, step):
+            if self._training and step == deferred and self.link.on_schedule(step):
                 # The step's end left its capture to now: a scheduled one, in the resumable
                 # layout, and a best of this eval with it (one capture; that layout is a superset).
                 return client.maybe_snapshot(
@@ -275,15 +274,6 @@ def _save_pretrained_shard_size() -> int | str:
     return (
         default if isinstance(default, (int, str)) and not isinstance(default, bool) else _SHARD_SIZE_FALLBACK
     )
-
-
-def _on_schedule(client: CheckpointClient, step: int) -> bool:
-    """Whether the daemon's schedule (``--every-steps``) captures ``step``."""
-    try:
-        every = read_control(client.paths.control).every_steps
-    except (OSError, ValueError):  # no daemon yet, or a control file being replaced
-        return False
-    return every is not None and step > 0 and step % every == 0
 
 
 def _saved(value: Any) -> bytes:

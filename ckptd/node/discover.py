@@ -20,7 +20,6 @@ from ckptd.settings import ServeSettings
 
 MAX_DEPTH = 4  # run files are looked for this many folders below a root, no deeper
 _SKIPPED = {".ckptd", "checkpoints", "__pycache__", ".git"}
-CLIENT_LOCK = "client.lock"  # the flock the trainer's capturing client holds while alive
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ def trainer_alive(run_dir: Path) -> bool | None:
     ``/proc/locks`` without taking the lock (taking it, even for a moment, could make a
     starting trainer think another client serves the run). None where that cannot be told."""
     try:
-        info = os.stat(RunPaths(run_dir).meta / CLIENT_LOCK)
+        info = os.stat(RunPaths(run_dir).client_lock)
     except FileNotFoundError:
         return False
     except OSError:
