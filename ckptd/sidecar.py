@@ -217,27 +217,45 @@ class Sidecar:
 
     def _end_leftovers(self, child: subprocess.Popen[bytes]) -> None:
         """Processes of the command's tree that outlived it (re-parented to us): give them the
-        signal that ended the command, wait for them, kill them past ``stop_timeout``."""
-        daemon_pid = self.daemon.pid if self.daemon is not None else -1
-        with contextlib.suppress(psutil.Error):
-            self._leftovers = [p for p in psutil.Process().children() if p.pid != daemon_pid]
-        if not self._leftovers:
-            return
+        signal that ended the command, wait for them, kill them past ``stop_timeout``. Looked
+        for again until none is left: a leftover's own children become ours when it dies."""
         signum = self.received[-1] if self.received else signal.SIGTERM
-        pids = ", ".join(str(p.pid) for p in self._leftovers)
-        say(
-            f"{self.command[0]} ended but left {len(self._leftovers)} process(es) running ({pids}); "
-            f"passing them {signal.Signals(signum).name} and waiting up to {self.stop_timeout:g} s"
-        )
-        for process in self._leftovers:
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(signum)
-        _gone, alive = psutil.wait_procs(self._leftovers, timeout=self.stop_timeout)
-        for process in alive:
-            say(f"process {process.pid} still running after {self.stop_timeout:g} s; killing it")
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        deadline = time.monotonic() + self.stop_timeout
+        told: set[int] = set()
+        while leftovers := self._living_children():
+            self._leftovers = leftovers
+            fresh = [p for p in leftovers if p.pid not in told]
+            if fresh:
+                pids = ", ".join(str(p.pid) for p in fresh)
+                say(
+                    f"{self.command[0]} left {len(fresh)} process(es) running ({pids}); passing them "
+                    f"{signal.Signals(signum).name}, waiting up to {self.stop_timeout:g} s in all"
+                )
+                _signal_all(fresh, signum)
+                told.update(p.pid for p in fresh)
+            if time.monotonic() >= deadline:
+                say(f"still running after {self.stop_timeout:g} s; killing {len(leftovers)} process(es)")
+                _signal_all(leftovers, signal.SIGKILL)
+            psutil.wait_procs(leftovers, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+        self._leftovers = []
+
+    def _living_children(self) -> list[psutil.Process]:
+        """Our children but the daemon, zombies reaped and left out."""
+        daemon_pid = self.daemon.pid if self.daemon is not None else -1
+        try:
+            children = [p for p in psutil.Process().children() if p.pid != daemon_pid]
+        except psutil.Error:
+            return []
+        living = []
+        for process in children:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    process.wait(0)  # reap it: it is ours now
+                else:
+                    living.append(process)
+            except (psutil.Error, psutil.TimeoutExpired):
+                continue
+        return living
 
     # -- signals --------------------------------------------------------------------------------
 
@@ -271,6 +289,12 @@ def _terminal_sent_it_to_the_child() -> bool:
         except OSError:
             continue  # not a terminal
     return False
+
+
+def _signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signum)
 
 
 def _become_subreaper() -> None:

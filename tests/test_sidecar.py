@@ -346,3 +346,33 @@ def test_a_sigterm_also_ends_the_trainer_a_launcher_leaves_behind(tmp_path: Path
     with pytest.raises(ProcessLookupError):
         os.kill(trainer, 0)  # gone, and reaped: no zombie either
     assert_daemon_stopped(run_dir)
+
+
+NESTED = """
+import os, signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+if os.fork() == 0:  # the trainer's own child: not an orphan yet when the launcher dies
+    signal.signal(signal.SIGTERM, lambda *_: ((out / "grandchild-got").write_text("TERM"), os._exit(0)))
+    (out / "grandchild.pid").write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the trainer leaves at once
+(out / "trainer.pid").write_text(str(os.getpid()))
+while True:
+    time.sleep(0.05)
+"""
+
+
+def test_processes_that_become_orphans_while_leftovers_are_ended_are_ended_too(tmp_path: Path) -> None:
+    argv = sidecar(tmp_path / "run", sys.executable, "-c", LAUNCHER, NESTED, str(tmp_path))
+    with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
+        wait_for(
+            lambda: (tmp_path / "grandchild.pid").exists() and (tmp_path / "trainer.pid").exists(), timeout=60
+        )
+        grandchild = int((tmp_path / "grandchild.pid").read_text())
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert (tmp_path / "grandchild-got").read_text() == "TERM", err
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)

@@ -60,6 +60,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from ckptd.client import Export
 from ckptd.client.collective import agree, is_leader
 from ckptd.integrations.link import RunLink
+from ckptd.protocol import read_small_file
 from ckptd.shards import parse_size
 
 LAUNCHER_ARGS_FILE = "args.json"  # ms-swift's record of its command line, in output_dir
@@ -422,12 +423,9 @@ def _active_adapter(model: torch.nn.Module) -> str:
 def _launcher_args(output_dir: str | None) -> dict[str, bytes]:
     if output_dir is None:
         return {}
-    path = Path(output_dir, LAUNCHER_ARGS_FILE)
-    try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > _LAUNCHER_ARGS_MAX:
-            return {}
-        return {LAUNCHER_ARGS_FILE: path.read_bytes()}
-    except OSError:
+    try:  # regular file, no link, no FIFO waited on, bounded: checked on the open file itself
+        return {LAUNCHER_ARGS_FILE: read_small_file(Path(output_dir, LAUNCHER_ARGS_FILE), _LAUNCHER_ARGS_MAX)}
+    except (OSError, ValueError):
         return {}
 
 
