@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ckptd.client.overlap import BackgroundCopy, Deferred, Optimizers, storage_key, version_of
 from ckptd.client.snapshot import Export, Slot, encode_structure, export_layout, export_tensors, flatten_state
 from ckptd.errors import ProtocolError, SnapshotError, UnsupportedLeafError
 from ckptd.protocol import (
@@ -109,6 +110,7 @@ class CheckpointClient:
         slots: int = DEFAULT_SLOTS,
         slot_timeout: float | None = None,
         stale_after: float = STALE_AFTER_S,
+        optimizer: object | Sequence[object] | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, not {slots}")
@@ -133,6 +135,12 @@ class CheckpointClient:
         self._passive = False  # another client holds the lock: never capture
         self._captures_tried = 0
         self._skipped = 0
+        self._skips: dict[str, int] = {}  # per kind of cause, for client.json
+        self._prepared = False  # a slot was prepared, by the user or at the first quiet step
+        self._staging: tuple[BackgroundCopy, int] | None = None  # a copy still running, its step
+        self._optimizers = Optimizers(self.wait_staged)
+        for each in _as_list(optimizer):
+            self.track_optimizer(each)
 
     def __enter__(self) -> CheckpointClient:
         return self
@@ -195,6 +203,8 @@ class CheckpointClient:
         verdict = None if asked is None else asked.verdict
         periodic = self._periodic_due(control, step)
         if asked is None and not periodic:
+            if not self._prepared:
+                self._prepare_quietly(state_fn)
             return False
         if not daemon_alive(self.paths, self.stale_after):
             self._warn_once("dead", "ckptd daemon heartbeat is stale; snapshots paused")
@@ -236,10 +246,53 @@ class CheckpointClient:
             target=self._prefault, args=(slot, nbytes, payload.data_file), name="ckptd-prefault", daemon=True
         )
         self._preparing.start()
+        self._prepared = True
         return True
+
+    def track_optimizer(self, optimizer: object) -> None:
+        """Let captures overlap the next forward and backward pass: the copy of what
+        ``optimizer`` owns (its params and state) finishes in a thread, and its next ``step``
+        waits for it (a step pre-hook). Wrappers holding the optimizer as ``.optimizer``
+        (accelerate's) are looked through. Tensors it does not own are copied before
+        ``maybe_snapshot`` returns. Call ``wait_staged`` before changing its params in place
+        outside ``step`` (clipping weights, an EMA written into them): a capture whose tensors
+        changed while being copied is dropped, with a warning, not stored mixed.
+        """
+        self._optimizers.add(optimizer)
+
+    def wait_staged(self, timeout: float | None = None) -> bool:
+        """Wait until the last capture's copy into shared memory is complete (and acknowledged,
+        unless it was dropped), and a slot being prepared is ready. True when no such work is
+        running any more; False on timeout."""
+        if self._preparing is not None:
+            self._preparing.join(timeout)
+            if self._preparing.is_alive():
+                return False
+            self._preparing = None
+        if self._staging is None:
+            return True
+        job, step = self._staging
+        if not job.join(timeout):
+            return False
+        self._staging = None
+        if job.failure is not None:
+            self._skip(step, job.failure.kind, str(job.failure))
+        return True
+
+    def _prepare_quietly(self, state_fn: StateFn) -> None:
+        """At the first step where nothing is due, ``prepare`` a slot, so that the first capture
+        finds it faulted in. Never raises: the first capture reports what is wrong."""
+        try:
+            self.prepare(state_fn)
+        except Exception as exc:
+            self._warn_once("prepare", f"could not prepare a staging slot: {type(exc).__name__}: {exc}")
+        # Once only, whatever happened: a trainer is not charged for sizing its state every step.
+        self._prepared = True
 
     def close(self) -> None:
         """Release this process's mappings; free slots are removed from shared memory."""
+        self.wait_staged()
+        self._optimizers.close()
         self._finish_preparing()
         busy = busy_slots(self.paths)
         for slot in self._slots.values():
@@ -392,10 +445,12 @@ class CheckpointClient:
         self._passive = True
         self._slots.clear()  # without unlinking: the files are the parent's
         self._preparing = None
+        self._staging = None  # the parent's thread: not in this process
 
     def _capture(
         self, control: Control, step: int, verdict: Verdict | None, periodic: bool, state_fn: StateFn
     ) -> bool:
+        self.wait_staged()  # one capture at a time: the last one's copy ends first
         self._finish_preparing()
         first = self._captures_tried == 0
         self._captures_tried += 1
@@ -433,29 +488,51 @@ class CheckpointClient:
                 f"all {self._slot_count} staging slots are held by acks the daemon has not "
                 "committed (store full or unwritable, or their slots gone?)",
             )
-        slot.write_files(layout, payload.tensors, payload.files)
         tags = (*(verdict.tags if verdict else ()), *(("periodic",) if periodic else ()))
-        write_ack(
-            self.paths,
-            Ack(
-                name=name,
-                captured_step=step,
-                slot=slot.name,
-                files={
-                    payload.data_file: layout.total,
-                    **{file: len(content) for file, content in payload.files.items()},
-                },
-                seq=control.seq if verdict else None,
-                requested_step=verdict.eval_step if verdict else step,
-                tags=tags,
-                reason=verdict.reason if verdict else f"every {control.every_steps} steps",
-                metrics=dict(verdict.metrics) if verdict else {},
-                token=token,
-                token_file=payload.data_file,
-                shard_bytes=payload.shard_bytes,
-            ),
+        ack = Ack(
+            name=name,
+            captured_step=step,
+            slot=slot.name,
+            files={
+                payload.data_file: layout.total,
+                **{file: len(content) for file, content in payload.files.items()},
+            },
+            seq=control.seq if verdict else None,
+            requested_step=verdict.eval_step if verdict else step,
+            tags=tags,
+            reason=verdict.reason if verdict else f"every {control.every_steps} steps",
+            metrics=dict(verdict.metrics) if verdict else {},
+            token=token,
+            token_file=payload.data_file,
+            shard_bytes=payload.shard_bytes,
         )
+
+        def finish() -> None:
+            slot.seal(layout)  # the token last: only a whole capture is ever acknowledged
+            write_ack(self.paths, ack)
+
+        deferred = self._copy_now(slot, layout, payload)
+        if not deferred:
+            finish()
+            return True
+        job = BackgroundCopy(slot, deferred, finish)
+        job.start()
+        self._staging = (job, step)
         return True
+
+    def _copy_now(self, slot: Slot, layout: Layout, payload: _Payload) -> list[Deferred]:
+        """Copy what must be copied before the trainer goes on; return what may follow in the
+        background: the tensors a tracked optimizer owns, which only its next step changes."""
+        owned = self._optimizers.owned() if self._optimizers else set()
+        slot.begin(payload.files)
+        deferred: list[Deferred] = []
+        for offset, (_, tensor) in zip(layout.offsets, payload.tensors, strict=True):
+            version = version_of(tensor) if owned and storage_key(tensor) in owned else None
+            if version is None:
+                slot.copy_tensor(offset, tensor)
+            else:
+                deferred.append(Deferred(offset, tensor, version))
+        return deferred
 
     def _slot_wait(self) -> float:
         return self.rendezvous_timeout if self.slot_timeout is None else self.slot_timeout
@@ -489,6 +566,7 @@ class CheckpointClient:
     def _skip(self, step: int, kind: str, reason: str) -> bool:
         """A capture not taken: said once per kind of cause, counted in client.json every time."""
         self._skipped += 1
+        self._skips[kind] = self._skips.get(kind, 0) + 1
         self._warn_once(
             f"skip:{kind}",
             f"snapshot of step {step} not taken: {reason} (later skips of this kind are only "
@@ -503,6 +581,7 @@ class CheckpointClient:
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "skipped_captures": self._skipped,
+            "skipped_by_cause": dict(self._skips),
             "last_skip_reason": reason,
             "last_skip_step": step,
             "updated": time.time(),
@@ -522,3 +601,11 @@ class CheckpointClient:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("ckptd: %s", message)
+
+
+def _as_list(optimizer: object | Sequence[object] | None) -> list[object]:
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, (list, tuple)):
+        return list(optimizer)
+    return [optimizer]

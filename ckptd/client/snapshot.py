@@ -309,6 +309,7 @@ class Slot:
         self._fd: int | None = None
         self._map: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
+        self._pinned = False  # registered with CUDA (``pin``); unregistered before unmapping
 
     @property
     def tensors_path(self) -> Path:
@@ -361,23 +362,46 @@ class Slot:
     def write_files(
         self, layout: Layout, tensors: Sequence[tuple[str, torch.Tensor]], files: Mapping[str, bytes]
     ) -> None:
-        """Fill the slot; the header (with its capture token) is invalid until everything else is in.
+        """Fill the slot at once: ``begin``, every tensor, ``seal``."""
+        self.begin(files)
+        for offset, (_, tensor) in zip(layout.offsets, tensors, strict=True):
+            self.copy_tensor(offset, tensor)
+        self.seal(layout)
 
-        A reader that checks the token before and after copying (``staging.read_slot_token``)
-        then sees a mismatch, never a torn mix of two captures under one token. ``files`` (plain
-        names) are written beside the tensors, before the header; files an earlier capture of
-        the other layout left are removed.
+    def begin(self, files: Mapping[str, bytes]) -> None:
+        """Invalidate the header, then write ``files`` (plain names) beside the tensors.
+
+        Until ``seal`` the header carries no token, so a reader that checks the token before
+        and after copying (``staging.read_slot_token``) sees a mismatch, never a torn mix of two
+        captures under one token. Files an earlier capture of the other layout left are removed.
         """
-        assert self._bytes is not None and self._map is not None
+        assert self._map is not None
         self._map[:8] = bytes(8)  # header length 0: no header, no token
         self._remove_others(files)
-        for offset, (_, tensor) in zip(layout.offsets, tensors, strict=True):
-            flat = tensor.contiguous().reshape(-1).view(torch.uint8)
-            self._bytes[offset : offset + flat.numel()].copy_(flat)
         for name, content in files.items():
             _write_file(self.directory / name, content)
+
+    def copy_tensor(self, offset: int, tensor: torch.Tensor, non_blocking: bool = False) -> None:
+        """Copy ``tensor``'s bytes to ``offset`` of the data file (``non_blocking``: a CUDA
+        tensor's copy is queued on the current stream, into pinned pages when registered)."""
+        assert self._bytes is not None
+        flat = tensor.contiguous().reshape(-1).view(torch.uint8)
+        self._bytes[offset : offset + flat.numel()].copy_(flat, non_blocking=non_blocking)
+
+    def seal(self, layout: Layout) -> None:
+        """Write ``layout``'s header, its length last: the header is valid from here on."""
+        assert self._map is not None
         self._map[8 : len(layout.header)] = layout.header[8:]
-        self._map[:8] = layout.header[:8]  # the length last: the header is valid from here on
+        self._map[:8] = layout.header[:8]
+
+    def pin(self) -> bool:
+        """Register the mapping as pinned memory for CUDA (``cudaHostRegister``), once: device
+        to host copies into it then run asynchronously at full speed. False when that fails."""
+        if self._pinned or self._bytes is None:
+            return self._pinned
+        ptr, size = self._bytes.data_ptr(), self._bytes.numel()
+        self._pinned = torch.cuda.cudart().cudaHostRegister(ptr, size, 0) == 0
+        return self._pinned
 
     def _refuse_links(self) -> None:
         """A slot or staging dir that is a symlink could point anywhere: never write through it."""
@@ -408,6 +432,9 @@ class Slot:
             self.directory.rmdir()
 
     def close(self) -> None:
+        if self._pinned and self._bytes is not None:
+            torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
+        self._pinned = False
         self._bytes = None
         if self._map is not None:
             self._map.close()
