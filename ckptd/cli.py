@@ -328,7 +328,8 @@ def _add_verify(commands: Any) -> None:
         _cmd_verify,
         "re-hash retained checkpoints against their manifests",
         "Read every file of each checkpoint directory (or the named ones) and compare its "
-        "size and sha256 with MANIFEST.json. A missing or unreadable manifest is a failure.",
+        "size and checksum with MANIFEST.json (xxh3_128; sha256 in checkpoints of older "
+        "versions). A missing or unreadable manifest is a failure.",
         "one object per checkpoint, for scripts",
         _exit_codes(
             ok="every checkpoint is intact",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -157,8 +158,29 @@ def test_verify_finds_a_flipped_byte(tmp_path: Path) -> None:
     done = ckptd("verify", str(tmp_path))
     assert done.returncode == 5
     assert "step-00000100  ok" in done.stdout
-    assert "step-00000200  CORRUPT: tensors.safetensors: sha256 mismatch" in done.stdout
+    assert "step-00000200  CORRUPT: tensors.safetensors: xxh3_128 mismatch" in done.stdout
     report = json.loads(ckptd("verify", str(tmp_path), "step-00000200", "--json").stdout)
     assert report == [
-        {"name": "step-00000200", "ok": False, "problems": ["tensors.safetensors: sha256 mismatch"]}
+        {"name": "step-00000200", "ok": False, "problems": ["tensors.safetensors: xxh3_128 mismatch"]}
     ]
+
+
+def test_verify_checks_a_checkpoint_an_older_ckptd_wrote_with_sha256(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints" / "step-00000100"
+    folder.mkdir(parents=True)
+    data = bytes(range(256)) * 40
+    (folder / "tensors.safetensors").write_bytes(data)
+    entry = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = {"format": 1, "step": 100, "tags": [], "metrics": {}, "bytes": len(data), "created": 1.0}
+    (folder / "MANIFEST.json").write_text(json.dumps({**manifest, "files": {"tensors.safetensors": entry}}))
+    done = ckptd("verify", str(tmp_path))
+    assert done.returncode == 0 and "step-00000100  ok" in done.stdout, done.stdout + done.stderr
+    (folder / "tensors.safetensors").write_bytes(data[:100] + b"\xff" + data[101:])
+    done = ckptd("verify", str(tmp_path))
+    assert done.returncode == 5
+    assert "step-00000100  CORRUPT: tensors.safetensors: sha256 mismatch" in done.stdout
+
+
+def test_verify_help_names_both_checksums() -> None:
+    text = " ".join(ckptd("verify", "--help").stdout.split())
+    assert "xxh3_128" in text and "sha256" in text

@@ -82,7 +82,10 @@ VALID_MANIFEST: dict[str, Any] = {
     "bytes": 10,
     "created": 3.0,
     "run_id": "abc123",
-    "files": {"tensors.safetensors": {"bytes": 10, "sha256": "00"}},
+    "files": {
+        "tensors.safetensors": {"bytes": 10, "xxh3_128": "00"},
+        "structure.json": {"bytes": 10, "sha256": "00"},  # as an older ckptd wrote it
+    },
 }
 VALID_CLIENT: dict[str, Any] = {
     "protocol": PROTOCOL_VERSION,

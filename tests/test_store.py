@@ -1,8 +1,12 @@
 """The checkpoint store on real directories: write-then-commit, crash leftovers, refusals to delete
-anything but a committed checkpoint inside the store, verification, listing, and the cross-process lock."""
+anything but a committed checkpoint inside the store, verification (xxh3_128, and sha256 of older
+manifests), files written at once (shards) and a full disk meanwhile, listing, and the
+cross-process lock."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
@@ -11,15 +15,22 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import filelock
 import pytest
+import xxhash
 
+import ckptd.daemon.persister as persister_module
+import ckptd.store as store_module
+from ckptd.daemon.persister import Persister
 from ckptd.errors import StoreError
+from ckptd.protocol import Ack
+from ckptd.staging import TensorEntry, plan_layout
 from ckptd.store import MANIFEST, PendingCheckpoint, Store
 
 TENSORS = "tensors.safetensors"
@@ -43,6 +54,10 @@ def slot(tmp_path: Path) -> Path:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def xxh3(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
 
 
 def names_in(folder: Path) -> list[str]:
@@ -103,8 +118,8 @@ def test_write_copy_commit_full_cycle(
     assert manifest["step"] == step
     assert manifest["requested_step"] == requested
     assert manifest["files"] == {
-        TENSORS: {"bytes": 300_000, "sha256": sha256(tensors)},
-        STRUCTURE: {"bytes": len(structure), "sha256": sha256(structure)},
+        TENSORS: {"bytes": 300_000, "xxh3_128": xxh3(tensors)},
+        STRUCTURE: {"bytes": len(structure), "xxh3_128": xxh3(structure)},
     }
     assert manifest["bytes"] == 300_000 + len(structure)
     assert manifest["metrics"] == {"eval_loss": 0.25, "grad_norm": "nan"}
@@ -212,7 +227,7 @@ def test_copy_in_copies_only_the_first_nbytes(
         digest = pending.copy_in("blob", source, nbytes)
         copied = (pending.directory / "blob").read_bytes()
         assert copied == data[:nbytes]
-        assert (digest.nbytes, digest.sha256) == (nbytes, sha256(data[:nbytes]))
+        assert (digest.nbytes, digest.algorithm, digest.digest) == (nbytes, "xxh3_128", xxh3(data[:nbytes]))
         assert pending.files == {"blob": digest}
 
 
@@ -354,7 +369,7 @@ def _append(path: Path) -> None:
     ("damage", "expected"),
     [
         pytest.param(None, None, id="intact"),
-        pytest.param(_flip_a_byte, "sha256", id="flipped-byte"),
+        pytest.param(_flip_a_byte, "xxh3_128 mismatch", id="flipped-byte"),
         pytest.param(_truncate, "299999 bytes", id="truncated"),
         pytest.param(_append, "300001 bytes", id="grown"),
         pytest.param(Path.unlink, "missing", id="deleted"),
@@ -372,6 +387,242 @@ def test_verify_reports_damage(
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{TENSORS}:")
     assert expected in problems[0]
+
+
+def _hand_written(store: Store, entries: Callable[[bytes], dict[str, object]]) -> str:
+    """A checkpoint written by hand, as an older ckptd (or another tool) left it: each file's
+    manifest entry is ``entries(content)``."""
+    name = "step-00000100"
+    folder = store.root / name
+    folder.mkdir(parents=True)
+    contents = {TENSORS: os.urandom(70_000), STRUCTURE: b'{"format": 1, "step": 100, "tree": null}'}
+    for fname, data in contents.items():
+        (folder / fname).write_bytes(data)
+    manifest = {
+        "format": 1,
+        "step": 100,
+        "requested_step": 100,
+        "tags": ["best:eval_loss"],
+        "metrics": {"eval_loss": 0.5},
+        "files": {fname: entries(data) for fname, data in contents.items()},
+        "bytes": sum(len(data) for data in contents.values()),
+        "created": 1.0,
+        "run_id": "older",
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return name
+
+
+def test_verify_checks_an_older_sha256_manifest(store: Store) -> None:
+    name = _hand_written(store, lambda data: {"bytes": len(data), "sha256": sha256(data)})
+    assert [r.name for r in store.list()] == [name]
+    assert store.verify(name) == []
+    _flip_a_byte(store.path_of(name) / TENSORS)
+    assert store.verify(name) == [f"{TENSORS}: sha256 mismatch"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        pytest.param(
+            lambda data: {"bytes": len(data), "xxh3_128": xxh3(data), "sha256": "0" * 64},
+            [],
+            id="xxh3_128-preferred-over-a-wrong-sha256",
+        ),
+        pytest.param(
+            lambda data: {"bytes": len(data), "xxh3_128": "0" * 32, "sha256": sha256(data)},
+            [f"{STRUCTURE}: xxh3_128 mismatch", f"{TENSORS}: xxh3_128 mismatch"],
+            id="a-right-sha256-does-not-excuse-a-wrong-xxh3_128",
+        ),
+        pytest.param(
+            lambda data: {"bytes": len(data), "md5": hashlib.md5(data).hexdigest()},
+            [f"{n}: no known checksum (expected one of xxh3_128, sha256)" for n in (STRUCTURE, TENSORS)],
+            id="unknown-algorithm",
+        ),
+        pytest.param(
+            lambda data: {"bytes": len(data)},
+            [f"{n}: no known checksum (expected one of xxh3_128, sha256)" for n in (STRUCTURE, TENSORS)],
+            id="no-checksum-at-all",
+        ),
+    ],
+)
+def test_verify_uses_the_checksum_the_entry_names(
+    store: Store, entry: Callable[[bytes], dict[str, object]], expected: list[str]
+) -> None:
+    name = _hand_written(store, entry)
+    assert sorted(store.verify(name)) == expected
+
+
+def test_verify_reports_progress_for_either_checksum(store: Store, slot: Path) -> None:
+    new = commit_one(store, slot, 100)
+    done: list[int] = []
+    assert store.verify(new, done.append) == []
+    assert sum(done) == 300_000 + (slot / STRUCTURE).stat().st_size
+    older = Store(store.root.parent / "older")
+    old = _hand_written(older, lambda data: {"bytes": len(data), "sha256": sha256(data)})
+    done.clear()
+    assert older.verify(old, done.append) == []
+    assert sum(done) == older.manifest(old)["bytes"] > 0
+
+
+# -- writeback, files written at once, a full disk -------------------------------------------------
+
+
+def test_each_chunk_is_handed_to_writeback_as_it_is_written(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(store_module, "_start_writeback", lambda fd, at, n: calls.append((at, n)))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(_CHUNK + 4096))
+    with store.writing(7) as pending:
+        digest = pending.write_shard("shard", b"HEAD", source, [(100, 200), (1000, _CHUNK + 1050)])
+    assert digest.nbytes == 4 + 100 + _CHUNK + 50
+    # Contiguous, in file order, from after the head to the end: the whole file, chunk by chunk.
+    assert calls == [(4, 100), (104, _CHUNK), (104 + _CHUNK, 50)]
+
+
+@pytest.mark.parametrize(
+    ("code", "raises"),
+    [(errno.EIO, True), (errno.ENOSPC, True), (errno.EINVAL, False), (errno.ESPIPE, False)],
+    ids=["EIO", "ENOSPC", "EINVAL-unsupported", "ESPIPE-unsupported"],
+)
+def test_a_writeback_hint_raises_only_a_real_write_error(
+    store: Store, slot: Path, monkeypatch: pytest.MonkeyPatch, code: int, raises: bool
+) -> None:
+    called: list[int] = []
+
+    def failing(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        called.append(flags)
+        ctypes.set_errno(code)
+        return -1
+
+    monkeypatch.setattr(store_module, "_SYNC_FILE_RANGE", failing)
+    if raises:
+        with pytest.raises(OSError) as info:
+            commit_one(store, slot, 100)
+        assert info.value.errno == code
+        assert names_in(store.root) == []
+    else:
+        assert store.verify(commit_one(store, slot, 100)) == []
+    assert called and set(called) == {2}  # SYNC_FILE_RANGE_WRITE: start writeback, wait for nothing
+
+
+def test_the_writeback_hint_is_the_c_librarys_sync_file_range() -> None:
+    if sys.platform != "linux":
+        pytest.skip("sync_file_range is Linux's")
+    assert store_module._SYNC_FILE_RANGE is not None
+
+
+MODEL = "model.safetensors"
+TOKEN = "t0k3n"
+
+
+def _sharded_slot(folder: Path, tensors: int, each: int, per_shard: int) -> Ack:
+    """A slot holding a safetensors file of ``tensors`` tensors of ``each`` random bytes and a
+    config, and the ack asking for shards of ``per_shard`` tensors."""
+    folder.mkdir(parents=True)
+    entries = [TensorEntry(f"t{i}", "F32", (each // 4,), each) for i in range(tensors)]
+    layout = plan_layout(entries, {"format": "pt", "token": TOKEN, "ack": "7"})
+    (folder / MODEL).write_bytes(layout.header + os.urandom(tensors * each) + b"\xaa" * 4096)
+    (folder / "config.json").write_bytes(b'{"a": 1}')
+    return Ack(
+        name="7",
+        captured_step=30,
+        slot=folder.name,
+        files={MODEL: layout.total, "config.json": 8},
+        token=TOKEN,
+        token_file=MODEL,
+        shard_bytes=per_shard * each,
+        created=1.0,
+    )
+
+
+def _persist_sharded(store: Store, ack: Ack, slot: Path) -> str:
+    with store.writing(ack.captured_step) as pending:
+        Persister._copy_files(ack, slot, pending)
+        return store.commit(pending, {"tags": [], "run_id": "r"}).name
+
+
+@pytest.fixture
+def concurrency(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many shards were being written at once, at most: ``[peak]`` once a persist ran.
+    A shard write waits (2 s at most) for a second one to start, so writes that run one
+    after another show a peak of 1."""
+    peak = [0]
+    active = [0]
+    lock = threading.Lock()
+    two = threading.Event()
+    write_shard = PendingCheckpoint.write_shard
+
+    def counting(self: PendingCheckpoint, *args: Any) -> Any:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+            if active[0] >= 2:
+                two.set()
+        two.wait(timeout=2)
+        try:
+            return write_shard(self, *args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(PendingCheckpoint, "write_shard", counting)
+    return peak
+
+
+def test_shards_are_written_at_once_with_the_files_and_digests_of_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, concurrency: list[int]
+) -> None:
+    ack = _sharded_slot(tmp_path / "staging" / "slot-0", tensors=8, each=64 << 10, per_shard=2)
+    slot = tmp_path / "staging" / "slot-0"
+    together = Store(tmp_path / "together")
+    name = _persist_sharded(together, ack, slot)
+    assert concurrency[0] >= 2, "the shards were written one after another"
+    monkeypatch.setattr(persister_module, "_WRITERS", 1)
+    alone = Store(tmp_path / "alone")
+    assert _persist_sharded(alone, ack, slot) == name
+    shards = [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    expected = sorted([MANIFEST, "config.json", "model.safetensors.index.json", *shards])
+    assert names_in(together.path_of(name)) == names_in(alone.path_of(name)) == expected
+    for fname in expected[1:]:
+        assert (together.path_of(name) / fname).read_bytes() == (alone.path_of(name) / fname).read_bytes()
+    assert together.manifest(name)["files"] == alone.manifest(name)["files"]
+    assert all("xxh3_128" in entry for entry in together.manifest(name)["files"].values())
+    assert together.verify(name) == [] and alone.verify(name) == []
+    assert not [t for t in threading.enumerate() if t.name.endswith(" writer")]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs: a disk that fills up mid-persist (needs root to mount)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_shard_writes_raises_and_leaves_no_temp_dir(
+    tmp_path: Path, small_disk: Path, concurrency: list[int]
+) -> None:
+    ack = _sharded_slot(tmp_path / "staging" / "slot-0", tensors=8, each=2 << 20, per_shard=2)
+    store = Store(small_disk / "checkpoints")
+    with pytest.raises(OSError) as info:
+        _persist_sharded(store, ack, tmp_path / "staging" / "slot-0")
+    assert info.value.errno == errno.ENOSPC
+    assert concurrency[0] >= 2, "the shards were written one after another"
+    # Every writer ended before the temp dir was removed: nothing is left, nothing is still writing.
+    assert names_in(store.root) == []
+    assert not [t for t in threading.enumerate() if t.name.endswith(" writer")]
+    assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
 
 
 # -- list ------------------------------------------------------------------------------------------
