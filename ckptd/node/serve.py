@@ -389,11 +389,12 @@ class NodeDaemon:
             return
         for orphan in orphans:
             try:
-                sweep.remove(orphan)
+                removed = sweep.remove(orphan)  # judged again: a daemon may have started since
             except OSError as exc:
-                self._refuse(orphan.path, f"cannot sweep this staging dir ({orphan.why}): {exc}")
+                self._refuse(orphan.path, f"cannot sweep it ({orphan.why}): {exc}")
             else:
-                log.info("swept %s (%d MiB): %s", orphan.path, orphan.nbytes >> 20, orphan.why)
+                if removed:
+                    log.info("swept %s (%d MiB): %s", orphan.path, orphan.nbytes >> 20, orphan.why)
 
     # -- reporting --------------------------------------------------------------------------
 
