@@ -614,6 +614,11 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
             f"trainer     skipped {t['skipped_captures']} capture(s), "
             f"last at step {t['last_skip_step']}: {t['last_skip_reason']}"
         )
+        causes = trainer.get("skipped_by_cause")
+        if isinstance(causes, dict) and causes:
+            print("            by cause: " + ", ".join(f"{n} {c}" for c, n in sorted(causes.items())))
+    if isinstance(trainer, dict) and trainer.get("staging") == "disk":
+        print("staging     on local disk (shared memory too small for the state; slower captures)")
     notes = status.get("log_notes")
     for note in notes if isinstance(notes, list) else ():
         print(f"note        {note}")
@@ -1003,12 +1008,15 @@ def _cmd_request(args: argparse.Namespace) -> int:
 def _add_gc(commands: Any) -> None:
     gc = commands.add_parser(
         "gc",
-        help="remove staging dirs in shared memory whose run is gone",
+        help="remove staging dirs in shared memory that no run can use any more",
         description="Look at every ckptd-* staging dir of the shared-memory root (/dev/shm, or "
-        "$CKPTD_SHM_ROOT) and remove those whose run dir is gone or now belongs to another "
-        "run, untouched for --grace seconds. A staging dir of a run that still exists is never "
-        "removed: it may hold snapshots the trainer handed over, which the next daemon start "
-        "persists. `ckptd serve` does this every minute.",
+        "$CKPTD_SHM_ROOT), untouched for --grace seconds, and remove those whose run dir is "
+        "gone or now belongs to another run, and those whose run has no live daemon (no fresh "
+        "heartbeat, no process holding its lock), no trainer holding its client lock and no "
+        "pending ack naming one of their slots. A dir that still holds an acknowledged "
+        "snapshot is never removed (the next daemon start persists it); its other slots are. "
+        "Whatever cannot be read (a run dir, its state, an ack) keeps the dir. `ckptd serve` "
+        "does this every minute, a daemon at its start.",
         epilog=_exit_codes(ok="swept (or nothing to sweep)", store="a staging dir could not be removed"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1016,7 +1024,7 @@ def _add_gc(commands: Any) -> None:
     gc.add_argument(
         "--grace", type=float, default=600.0, metavar="S", help="left alone if touched within S s (600)"
     )
-    gc.add_argument("--json", action="store_true", help="the swept dirs as a JSON list")
+    gc.add_argument("--json", action="store_true", help="the swept dirs and slots as a JSON list")
     gc.set_defaults(handler=_cmd_gc)
 
 
@@ -1027,22 +1035,29 @@ def _cmd_gc(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grace must be a number of seconds >= 0, not {args.grace}")
     orphans, unknown = sweep.find_orphans(grace=args.grace)
     failed = 0
-    for orphan in [] if args.dry_run else orphans:
+    swept: list[sweep.Orphan] = []
+    for orphan in orphans:
+        if args.dry_run:
+            swept.append(orphan)
+            continue
         try:
-            sweep.remove(orphan)
+            if sweep.remove(orphan):
+                swept.append(orphan)
+            else:
+                print(f"left {orphan.path}: in use again, or gone already", file=sys.stderr)
         except OSError as exc:
             failed += 1
             print(f"ckptd: cannot remove {orphan.path}: {exc.strerror or exc}", file=sys.stderr)
     if args.json:
-        rows = [{"path": str(o.path), "run_dir": o.run_dir, "why": o.why, "bytes": o.nbytes} for o in orphans]
+        rows = [{"path": str(o.path), "run_dir": o.run_dir, "why": o.why, "bytes": o.nbytes} for o in swept]
         print(json.dumps(rows, indent=1))
     else:
         verb = "would remove" if args.dry_run else "removed"
-        for orphan in orphans:
+        for orphan in swept:
             print(f"{verb} {orphan.path} ({_fmt_bytes(orphan.nbytes)}): {orphan.why}")
         for path in unknown:
             print(f"left {path}: it does not say which run it belongs to", file=sys.stderr)
-        if not orphans:
+        if not swept:
             print("nothing to sweep")
     return EXIT_STORE if failed else EXIT_OK
 

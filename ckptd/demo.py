@@ -101,7 +101,10 @@ def _train(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, torch.T
     evals: dict[int, float] = {}
     weights: dict[int, dict[str, torch.Tensor]] = {}
     stall = 0.0
-    with (run_dir / "logging.jsonl").open("a") as log, CheckpointClient(run_dir) as ckpt:
+    with (
+        (run_dir / "logging.jsonl").open("a") as log,
+        CheckpointClient(run_dir, optimizer=optimizer) as ckpt,
+    ):
         for step in range(1, STEPS + 1):
             batch = torch.randint(0, TRAIN_SIZE, (16,), generator=task.batches)
             loss = torch.nn.functional.mse_loss(model(task.x_train[batch]), task.y_train[batch])

@@ -383,10 +383,18 @@ def read_client_report(paths: RunPaths) -> dict[str, Any] | None:
             "skipped_captures": fields.count("skipped_captures", 0),
             "last_skip_reason": fields.text("last_skip_reason", ""),
             "last_skip_step": fields.optional_count("last_skip_step"),
+            "skipped_by_cause": _counts_by_cause(fields.mapping("skipped_by_cause")),
+            "staging": "disk" if fields.text("staging", "shm") == "disk" else "shm",
             "updated": fields.number("updated", 0.0),
         }
     except (OSError, ProtocolError):
         return None
+
+
+def _counts_by_cause(counts: Mapping[str, Any]) -> dict[str, int]:
+    """Skip counts by cause from the trainer's report: causes are identifiers, counts
+    integers; anything else (the file is the trainer's) is left out, at most 16 kept."""
+    return dict(sorted((k, v) for k, v in counts.items() if is_token(k) and is_count(v))[:16])
 
 
 def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:

@@ -1,18 +1,25 @@
 """Shared-memory staging slots and their safetensors layout (no torch here).
 
-A slot is a directory under ``/dev/shm/ckptd-<run-id>/`` holding a reusable,
+A slot is a directory under ``/dev/shm/ckptd-<run-id>/`` (``slot-N``) holding a reusable,
 pre-faulted ``tensors.safetensors`` file (its capacity may exceed the bytes in
 use; the ack says how many are valid) and a small ``structure.json``. The
 trainer fills a slot and acks; the daemon copies the valid bytes to the store
 and deletes the ack, which frees the slot. Which slots are busy is derived
 from the pending acks, so there is no second source of truth to get out of step.
+
+Where shared memory cannot hold a capture (a container's 64 MB ``/dev/shm``), or would eat
+into the memory the host keeps in reserve, slots go to ``<run-dir>/.ckptd/staging/``
+(``disk-N``) on local disk instead: slower, but the best is still captured. Both sides derive
+a slot's directory from its name (``slot_dir``), never from a path anyone wrote down.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import stat
 import struct
 import tempfile
@@ -21,8 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import psutil
+
 from ckptd.errors import ProtocolError
 from ckptd.protocol import RunPaths, pending_ack_paths, read_ack
+
+log = logging.getLogger("ckptd.staging")
 
 TENSORS_FILE = "tensors.safetensors"
 STRUCTURE_FILE = "structure.json"
@@ -137,6 +148,77 @@ def staging_dir_for(run_id: str, root: Path | None = None) -> Path:
 
 def slot_name(index: int) -> str:
     return f"slot-{index}"
+
+
+DISK_SLOT_PREFIX = "disk-"
+RESERVE_ENV = "CKPTD_MEMORY_RESERVE"
+_WARNED: set[str] = set()  # bad values of it, said once each
+_MIN_RESERVE = 512 << 20
+
+
+def disk_slot_name(index: int) -> str:
+    return f"{DISK_SLOT_PREFIX}{index}"
+
+
+def disk_staging_dir(paths: RunPaths) -> Path:
+    """Where slots go when shared memory cannot take them: the run's own ``.ckptd/``."""
+    return paths.meta / "staging"
+
+
+def slot_dir(shm_staging: Path, paths: RunPaths, slot: str) -> Path:
+    """The directory of the slot an ack names: ``disk-N`` on local disk, else in shared memory."""
+    home = disk_staging_dir(paths) if slot.startswith(DISK_SLOT_PREFIX) else shm_staging
+    return home / slot
+
+
+def memory_reserve() -> int:
+    """Bytes of memory staging leaves to the host: ``$CKPTD_MEMORY_RESERVE`` (bytes, or a size
+    such as ``2GB``; anything else is warned about once and ignored), else 5%
+    of the RAM and at least 512 MiB. Pages in ``/dev/shm`` are memory that nobody can swap out
+    or reclaim: staging into the last of it would push the trainer into the OOM killer."""
+    default = max(_MIN_RESERVE, psutil.virtual_memory().total // 20)
+    text = os.environ.get(RESERVE_ENV, "").strip()
+    if not text:
+        return default
+    from ckptd.shards import parse_size  # here: shards builds on this module's layout
+
+    try:
+        return int(text) if text.isascii() and text.isdigit() else parse_size(text)
+    except ValueError:
+        if text not in _WARNED:
+            _WARNED.add(text)
+            log.warning(
+                "ckptd: ignoring %s=%r (bytes, or a size such as 2GB); reserving %d MiB",
+                RESERVE_ENV,
+                text,
+                default >> 20,
+            )
+        return default
+
+
+def no_room(folder: Path, nbytes: int, *, in_memory: bool, reusing: int = 0) -> str | None:
+    """Why ``nbytes`` more cannot be staged in ``folder`` (the nearest existing parent counts),
+    or None when they can. ``reusing``: bytes of a slot there that this one replaces.
+    ``in_memory``: the folder is a tmpfs, so its pages also come out of the host's RAM."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free + reusing
+    except OSError as exc:
+        return f"cannot tell the free space in {probe}: {exc.strerror}"
+    if free < nbytes:
+        return f"{probe} has {free / 2**20:.0f} MiB free, {nbytes / 2**20:.0f} MiB are needed"
+    if in_memory:
+        reserve = memory_reserve()
+        available = psutil.virtual_memory().available + reusing
+        if available - nbytes < reserve:
+            return (
+                f"{nbytes / 2**20:.0f} MiB more of shared memory would leave the host less than "
+                f"its {reserve / 2**20:.0f} MiB reserve ({available / 2**20:.0f} MiB available; "
+                f"${RESERVE_ENV} sets it)"
+            )
+    return None
 
 
 def busy_slots(paths: RunPaths) -> set[str]:

@@ -109,6 +109,7 @@ def test_issue7_01_retention_never_deletes_the_state_best_even_without_metrics(t
         criteria={"eval_loss": "min"},
         lineage=frozenset({"run1"}),
         best_steps=lambda: frozenset({5}),
+        paths=RunPaths(tmp_path / "run"),
     )
     assert persister.rotate() == ("step-00000010",)
     assert [r.step for r in store.list()] == [5, 20]
@@ -154,6 +155,7 @@ def test_issue7_02_retention_only_touches_its_own_runs_checkpoints(tmp_path: Pat
         criteria={},
         lineage=frozenset({"mine"}),
         best_steps=frozenset,
+        paths=RunPaths(tmp_path / "run"),
     )
     assert persister.rotate() == ("step-00000002",)
     assert [r.step for r in store.list()] == [1, 3]

@@ -6,18 +6,23 @@ live heartbeat (no daemon needed: the acks stay pending, and the slots hold the 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
+import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load
 
 from ckptd.client import CheckpointClient
+from ckptd.client.snapshot import Slot
 from ckptd.protocol import Control, RunPaths, atomic_write_json, pending_ack_paths, read_ack, write_control
 
 EVERY = 3
@@ -229,3 +234,83 @@ def test_the_first_capture_finds_a_slot_prepared_at_a_quiet_step(
         assert client.maybe_snapshot(EVERY, lambda: state_of(model, optimizer))
         faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
     assert faults < pages // 50, (faults, pages)
+
+
+def test_an_optimizer_the_client_was_not_given_waits_too(
+    run: RunPaths, shm_root: Path, trained: tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]
+) -> None:
+    model, optimizer, batch = trained
+    # A second optimizer over the same params, fused: its kernels bump no version counter,
+    # so only waiting can keep it from writing under the copy.
+    other = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    acked_before_step: list[bool] = []
+    other.register_step_pre_hook(lambda *_: acked_before_step.append(bool(pending_ack_paths(run))))
+    model(batch).square().mean().backward()
+    with CheckpointClient(run.run_dir, optimizer=optimizer) as client:
+        assert client.maybe_snapshot(EVERY, lambda: {"model": model.state_dict()})
+        expected = {f"model/{k}": v.clone() for k, v in model.state_dict().items()}
+        other.step()
+    assert acked_before_step == [True]
+    got = staged(run, shm_root)[EVERY]
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+
+
+def test_ctrl_c_during_the_wait_leaves_the_next_step_waiting(
+    run: RunPaths, shm_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(4)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    copy_tensor = Slot.copy_tensor
+
+    def slow_copy(self: Slot, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.1)  # a copy long enough to be interrupted in
+        copy_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(Slot, "copy_tensor", slow_copy)
+    acked_before_step: list[bool] = []
+    with CheckpointClient(run.run_dir, optimizer=optimizer) as client:
+        optimizer.register_step_pre_hook(lambda *_: acked_before_step.append(bool(pending_ack_paths(run))))
+        assert client.maybe_snapshot(EVERY, lambda: {"model": model.state_dict()})
+        expected = {f"model/{k}": v.clone() for k, v in model.state_dict().items()}
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            optimizer.step()  # interrupted while it waits for the copy
+        optimizer.step()  # run again, as in a notebook: it must wait all the same
+    assert acked_before_step == [True]
+    got = staged(run, shm_root)[EVERY]
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_tensor_written_in_every_forward_costs_one_capture_not_all(run: RunPaths) -> None:
+    torch.manual_seed(0)
+    # Embedding(max_norm=...) renormalises its weight in place in every forward.
+    model = torch.nn.Sequential(torch.nn.Embedding(50_000, 256, max_norm=1.0), torch.nn.Linear(256, 256))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, 50_000, (4096,))
+    with CheckpointClient(run.run_dir, optimizer=optimizer) as client:
+        for step in range(1, 6 * EVERY + 1):
+            model(tokens).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            client.maybe_snapshot(step, lambda: state_of(model, optimizer))
+            free_slots(run)
+        client.wait_staged()
+    report = json.loads(run.client_report.read_text()) if run.client_report.exists() else {}
+    assert report.get("skipped_captures", 0) <= 1, report
+
+
+def test_a_client_dropped_without_close_lets_the_next_one_serve(
+    run: RunPaths, trained: tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]
+) -> None:
+    model, optimizer, _ = trained
+    first = CheckpointClient(run.run_dir, optimizer=optimizer)
+    assert first.maybe_snapshot(EVERY, lambda: state_of(model, optimizer))
+    first.wait_staged()
+    del first
+    gc.collect()
+    free_slots(run)
+    with CheckpointClient(run.run_dir, optimizer=optimizer) as second:
+        assert second.maybe_snapshot(2 * EVERY, lambda: state_of(model, optimizer)), "the lock was kept"

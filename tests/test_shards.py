@@ -15,7 +15,7 @@ import pytest
 from ckptd.daemon.persister import Job, Outcome, Persister
 from ckptd.errors import ProtocolError, StoreError
 from ckptd.policy import LatestN
-from ckptd.protocol import PROTOCOL_VERSION, Ack
+from ckptd.protocol import PROTOCOL_VERSION, Ack, RunPaths
 from ckptd.shards import (
     Header,
     index_name,
@@ -351,6 +351,7 @@ def persist(tmp_path: Path, ack: Ack) -> tuple[Outcome, Store]:
         criteria={},
         lineage=frozenset({"run1"}),
         best_steps=frozenset,
+        paths=RunPaths(tmp_path / "run"),
     )
     ack_path = tmp_path / "acks" / f"{ack.name}.json"
     ack_path.parent.mkdir(exist_ok=True)

@@ -40,10 +40,15 @@ from ckptd.protocol import (
 from ckptd.records import Verdict
 from ckptd.staging import (
     DEFAULT_SLOTS,
+    DISK_SLOT_PREFIX,
     STRUCTURE_FILE,
     TENSORS_FILE,
     Layout,
     busy_slots,
+    disk_slot_name,
+    disk_staging_dir,
+    no_room,
+    slot_dir,
     slot_name,
     staging_dir_for,
 )
@@ -132,13 +137,21 @@ class CheckpointClient:
         self._warned: set[str] = set()
         self._preparing: threading.Thread | None = None
         self._lock_fd: int | None = None  # held for our life: we are the run's one capturing client
+        # Closes the lock fd when close() is never called: a client dropped without it must
+        # not keep the run from the next client of this process.
+        self._lock_release: weakref.finalize[[int], CheckpointClient] | None = None
         self._passive = False  # another client holds the lock: never capture
         self._captures_tried = 0
         self._skipped = 0
         self._skips: dict[str, int] = {}  # per kind of cause, for client.json
+        self._last_skip = (-1, "")  # (step, reason) of the last capture not taken
         self._prepared = False  # a slot was prepared, by the user or at the first quiet step
+        self._on_disk = False  # shared memory could not take a capture: slots on local disk
         self._staging: tuple[BackgroundCopy, int] | None = None  # a copy still running, its step
-        self._optimizers = Optimizers(self.wait_staged)
+        self._optimizers = Optimizers()
+        # Storages found written while being staged (outside any optimizer step): copied before
+        # maybe_snapshot returns from then on, so such a write costs one capture, not every one.
+        self._touched: set[tuple[str, int]] = set()
         for each in _as_list(optimizer):
             self.track_optimizer(each)
 
@@ -241,9 +254,12 @@ class CheckpointClient:
         # A state that cannot be stored fails here, loudly, before the run depends on it.
         payload = _Payload.of(state_fn(), 0)
         nbytes = payload.layout().total
-        slot = self._slot(staging_dir_for(control.run_id), slot_name(0))
+        staging = staging_dir_for(control.run_id)
         self._preparing = threading.Thread(
-            target=self._prefault, args=(slot, nbytes, payload.data_file), name="ckptd-prefault", daemon=True
+            target=self._prefault,
+            args=(staging, nbytes, payload.data_file),
+            name="ckptd-prefault",
+            daemon=True,
         )
         self._preparing.start()
         self._prepared = True
@@ -276,6 +292,7 @@ class CheckpointClient:
             return False
         self._staging = None
         if job.failure is not None:
+            self._touched |= job.changed
             self._skip(step, job.failure.kind, str(job.failure))
         return True
 
@@ -292,7 +309,6 @@ class CheckpointClient:
     def close(self) -> None:
         """Release this process's mappings; free slots are removed from shared memory."""
         self.wait_staged()
-        self._optimizers.close()
         self._finish_preparing()
         busy = busy_slots(self.paths)
         for slot in self._slots.values():
@@ -301,9 +317,9 @@ class CheckpointClient:
             else:
                 slot.unlink()
         self._slots.clear()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock: another client may serve the run now
-            self._lock_fd = None
+        if self._lock_release is not None:
+            self._lock_release()  # closes the fd, releasing the flock: another client may serve
+            self._lock_fd = self._lock_release = None
             _LOCK_HOLDERS.discard(self)
 
     # -- control file --------------------------------------------------------------------
@@ -390,9 +406,10 @@ class CheckpointClient:
 
     # -- capture ---------------------------------------------------------------------------
 
-    def _prefault(self, slot: Slot, nbytes: int, data_file: str) -> None:
+    def _prefault(self, staging: Path, nbytes: int, data_file: str) -> None:
         try:
-            slot.ensure_capacity(nbytes, data_file)  # the syscalls and page faults run outside the GIL
+            # The syscalls and page faults run outside the GIL.
+            self._ready_slot([0], staging, nbytes, data_file)
         except (SnapshotError, OSError) as exc:
             log.warning("ckptd: could not prepare a staging slot: %s", exc)
 
@@ -434,14 +451,15 @@ class CheckpointClient:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for the other client's message
         self._lock_fd = fd
+        self._lock_release = weakref.finalize(self, os.close, fd)
         _LOCK_HOLDERS.add(self)
         return True
 
     def _become_passive_copy(self) -> None:
         """In a forked child: drop our copy of the lock fd and the slot mappings, capture nothing."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # the parent's fd keeps the lock
-            self._lock_fd = None
+        if self._lock_release is not None:
+            self._lock_release()  # our copy of the fd; the parent's keeps the lock
+            self._lock_fd = self._lock_release = None
         self._passive = True
         self._slots.clear()  # without unlinking: the files are the parent's
         self._preparing = None
@@ -523,7 +541,7 @@ class CheckpointClient:
     def _copy_now(self, slot: Slot, layout: Layout, payload: _Payload) -> list[Deferred]:
         """Copy what must be copied before the trainer goes on; return what may follow in the
         background: the tensors a tracked optimizer owns, which only its next step changes."""
-        owned = self._optimizers.owned() if self._optimizers else set()
+        owned = self._optimizers.owned() - self._touched if self._optimizers else set()
         slot.begin(payload.files)
         deferred: list[Deferred] = []
         for offset, (_, tensor) in zip(layout.offsets, payload.tensors, strict=True):
@@ -541,17 +559,14 @@ class CheckpointClient:
         """A slot no pending ack holds, grown to ``nbytes``; None if none frees up within ``wait`` s."""
         deadline = time.monotonic() + wait
         while True:
-            busy = busy_slots(self.paths)
-            free = [slot_name(i) for i in range(self._slot_count) if slot_name(i) not in busy]
+            free = self._free_slots()
             # Prefer a slot we hold mapped and large enough: no new page faults, no new memory.
-            free.sort(key=lambda name: (not self._fits(name, nbytes, data_file), name not in self._slots))
+            free.sort(key=lambda i: (not self._fits(i, nbytes, data_file), not self._mapped(i)))
             problem: SnapshotError | None = None
-            for name in free:
-                slot = self._slot(staging, name)
+            if free:
                 try:
-                    slot.ensure_capacity(nbytes, data_file)
-                    return slot
-                except SnapshotError as exc:  # shared memory full: a busy slot, once free, fits
+                    return self._ready_slot(free, staging, nbytes, data_file)
+                except SnapshotError as exc:  # no room: a busy slot, once free, makes room
                     problem = exc
             if time.monotonic() >= deadline:
                 if problem is not None:
@@ -559,8 +574,55 @@ class CheckpointClient:
                 return None
             time.sleep(0.01)
 
-    def _fits(self, name: str, nbytes: int, data_file: str) -> bool:
-        slot = self._slots.get(name)
+    def _free_slots(self) -> list[int]:
+        busy = busy_slots(self.paths)
+        return [i for i in range(self._slot_count) if self._name_of(i) not in busy]
+
+    def _ready_slot(self, indices: Sequence[int], staging: Path, nbytes: int, data_file: str) -> Slot:
+        """The first of the free slots ``indices`` that can hold ``nbytes``: in shared memory
+        while it has room, else on local disk. Raises ``SnapshotError`` when neither has."""
+        problem: SnapshotError | None = None
+        for index in indices:
+            slot = self._slot(staging, self._name_of(index))
+            try:
+                slot.ensure_capacity(nbytes, data_file)
+                return slot
+            except SnapshotError as exc:
+                problem = exc
+        assert problem is not None, "no slot to try"
+        if self._on_disk or self._room_once_freed(staging, nbytes):
+            raise problem  # the caller waits (a best) for a busy slot to make room
+        # Shared memory cannot take it (a container's 64 MB /dev/shm, the host's memory
+        # reserve): from now on this run stages on local disk.
+        self._on_disk = True
+        busy = busy_slots(self.paths)
+        for name in [n for n, s in self._slots.items() if s.in_memory and n not in busy]:
+            self._slots.pop(name).unlink()
+        log.warning(
+            "ckptd: shared memory cannot hold this capture (%s); staging on local disk in %s "
+            "instead (slower; every best is still captured)",
+            problem,
+            disk_staging_dir(self.paths),
+        )
+        self._write_counters()  # `ckptd status` shows where the run stages
+        free = self._free_slots()
+        if not free:
+            raise problem
+        return self._ready_slot(free, staging, nbytes, data_file)
+
+    def _room_once_freed(self, staging: Path, nbytes: int) -> bool:
+        """Whether shared memory holds ``nbytes`` once every slot of ours in it is gone."""
+        ours = sum(slot.allocated() for slot in self._slots.values() if slot.in_memory)
+        return no_room(staging, nbytes, in_memory=True, reusing=ours) is None
+
+    def _name_of(self, index: int) -> str:
+        return disk_slot_name(index) if self._on_disk else slot_name(index)
+
+    def _mapped(self, index: int) -> bool:
+        return self._name_of(index) in self._slots
+
+    def _fits(self, index: int, nbytes: int, data_file: str) -> bool:
+        slot = self._slots.get(self._name_of(index))
         return slot is not None and slot.capacity >= nbytes and slot.data_file == data_file
 
     def _skip(self, step: int, kind: str, reason: str) -> bool:
@@ -572,18 +634,22 @@ class CheckpointClient:
             f"snapshot of step {step} not taken: {reason} (later skips of this kind are only "
             f"counted, in {self.paths.client_report})",
         )
-        self._write_counters(step, reason)
+        self._last_skip = (step, reason)
+        self._write_counters()
         return False
 
-    def _write_counters(self, step: int, reason: str) -> None:
-        # Written only when a count changes, never on the per-step path; the daemon shows it.
+    def _write_counters(self) -> None:
+        # Written only when a count or the staging place changes, never on the per-step path;
+        # the daemon shows it in its status.
+        step, reason = self._last_skip
         document = {
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "skipped_captures": self._skipped,
             "skipped_by_cause": dict(self._skips),
+            "staging": "disk" if self._on_disk else "shm",
             "last_skip_reason": reason,
-            "last_skip_step": step,
+            "last_skip_step": step if step >= 0 else None,
             "updated": time.time(),
         }
         try:
@@ -592,9 +658,11 @@ class CheckpointClient:
             self._warn_once("client-file", f"cannot write {self.paths.client_report}: {exc}")
 
     def _slot(self, staging: Path, name: str) -> Slot:
+        directory = slot_dir(staging, self.paths, name)
         slot = self._slots.get(name)
-        if slot is None or slot.directory.parent != staging:
-            slot = self._slots[name] = Slot(staging / name)
+        if slot is None or slot.directory != directory:
+            in_memory = not name.startswith(DISK_SLOT_PREFIX)
+            slot = self._slots[name] = Slot(directory, in_memory=in_memory)
         return slot
 
     def _warn_once(self, key: str, message: str) -> None:

@@ -8,10 +8,15 @@ copy: a step pre-hook on every optimizer the client was given does that. Every o
 (buffers such as BatchNorm's running stats, which a forward updates; EMA weights; anything
 the client cannot prove untouched) is copied before ``maybe_snapshot`` returns.
 
-A tensor changed some other way while its copy runs (weights clipped in place, an EMA
-update of an optimizer-owned tensor) would make the capture a mix of two steps: torch's
-version counter, which every in-place op bumps, tells, and such a capture is dropped rather
-than acknowledged. ``CheckpointClient.wait_staged`` is the barrier for loops that do that.
+Every torch optimizer's step waits (a global step pre-hook), not only the tracked ones': a
+second optimizer over the same params must not write them under a copy either.
+
+A tensor changed some other way while its copy runs (weights clipped in place, an EMA written
+into the params) would make the capture a mix of two steps. torch's version counter, which
+in-place ops bump, tells: such a capture is dropped rather than acknowledged, and the client
+copies that tensor before returning from then on. Writes through ``.data`` bypass the version
+counter and cannot be seen: ``CheckpointClient.wait_staged`` is the barrier for loops that
+write params outside ``optimizer.step()``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ckptd.client.snapshot import Slot
 
@@ -58,27 +64,20 @@ def storage_key(tensor: torch.Tensor) -> tuple[str, int]:
 
 
 class Optimizers:
-    """The optimizers a client was given, each with a step pre-hook that calls ``wait``."""
+    """The optimizers a client was given: what they own is what may be copied in the
+    background. Held weakly: the client keeps no optimizer (nor model) alive."""
 
-    def __init__(self, wait: Callable[[], object]) -> None:
-        self._wait = wait
-        self._hooks: weakref.WeakKeyDictionary[torch.optim.Optimizer, Any] = weakref.WeakKeyDictionary()
+    def __init__(self) -> None:
+        self._tracked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
     def add(self, optimizer: object) -> None:
         """Track ``optimizer`` (or the torch optimizer a wrapper holds, such as accelerate's
         ``AcceleratedOptimizer``); a second call for the same one changes nothing."""
-        inner = innermost(optimizer)
-        if inner in self._hooks:
-            return
-        wait = self._wait
-
-        def before_step(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
-            wait()
-
-        self._hooks[inner] = inner.register_step_pre_hook(before_step)
+        self._tracked.add(innermost(optimizer))
+        _hook_every_optimizer()
 
     def __bool__(self) -> bool:
-        return len(self._hooks) > 0
+        return len(self._tracked) > 0
 
     def owned(self) -> set[tuple[str, int]]:
         """The storages of every tracked optimizer's params and state tensors: what only
@@ -86,17 +85,39 @@ class Optimizers:
         return {storage_key(t) for t in self._tensors()}
 
     def _tensors(self) -> Iterator[torch.Tensor]:
-        for optimizer in list(self._hooks):
+        for optimizer in list(self._tracked):
             for group in optimizer.param_groups:
                 yield from (p for p in group["params"] if isinstance(p, torch.Tensor))
             for state in optimizer.state.values():
                 if isinstance(state, dict):
                     yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
-    def close(self) -> None:
-        for handle in list(self._hooks.values()):
-            handle.remove()
-        self._hooks.clear()
+
+# Copies still running, in this process. Every torch optimizer's step waits for them, not only
+# the tracked ones': a second optimizer over the same params (a fused one changes them without
+# bumping their version counters) must not write them under a copy either.
+_RUNNING: set[BackgroundCopy] = set()
+_RUNNING_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def _hook_every_optimizer() -> None:
+    global _HOOKED
+    if not _HOOKED:
+        register_optimizer_step_pre_hook(_before_any_step)
+        _HOOKED = True
+
+
+def _before_any_step(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+    wait_for_copies()
+
+
+def wait_for_copies() -> None:
+    """Block until no background copy of this process is running."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for job in running:
+        job.join()
 
 
 def innermost(optimizer: object) -> torch.optim.Optimizer:
@@ -130,33 +151,43 @@ class BackgroundCopy:
         self._deferred = deferred
         self._finish = finish
         self.failure: Drop | None = None
+        self.changed: frozenset[tuple[str, int]] = frozenset()  # storages written meanwhile
+        # Set by the thread as its last act. Waiting on it, not on Thread.join: a join
+        # interrupted by Ctrl-C (Python 3.11) marks the thread stopped while it still runs.
+        self._done = threading.Event()
         # Recorded on the trainer's stream now: a CUDA copy starts from the step's values.
         self._ready = _record_events(deferred)
         self._thread = threading.Thread(target=self._run, name="ckptd-stage", daemon=True)
 
     def start(self) -> None:
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
         self._thread.start()
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._done.wait(timeout)
 
     def _run(self) -> None:
         try:
             self._copy()
             changed = [d for d in self._deferred if version_of(d.tensor) != d.version]
             if changed:
+                self.changed = frozenset(storage_key(d.tensor) for d in changed)
                 raise Drop(
                     "modified-during-staging",
                     f"{len(changed)} tensor(s) were modified in place while being staged, outside "
-                    "an optimizer step the client knows (call wait_staged() before such updates, "
-                    "or give the client that optimizer)",
+                    "an optimizer step (call wait_staged() before such updates); they are copied "
+                    "before maybe_snapshot returns from now on",
                 )
             self._finish()
         except Drop as exc:
             self.failure = exc
         except Exception as exc:  # the trainer learns of it at its next wait, never as a crash
             self.failure = Drop(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(self)
+            self._done.set()
 
     def _copy(self) -> None:
         on_cpu = [d for d in self._deferred if not d.tensor.is_cuda]

@@ -27,7 +27,15 @@ import torch
 from safetensors.torch import load_file
 
 from ckptd.errors import SnapshotError, UnsupportedLeafError
-from ckptd.staging import STRUCTURE_FILE, TENSORS_FILE, Layout, TensorEntry, not_private, plan_layout
+from ckptd.staging import (
+    STRUCTURE_FILE,
+    TENSORS_FILE,
+    Layout,
+    TensorEntry,
+    no_room,
+    not_private,
+    plan_layout,
+)
 
 _DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -300,9 +308,10 @@ class Slot:
     an error now, not a SIGBUS mid-copy) and pre-faulted once, then reused.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, in_memory: bool = True) -> None:
         self.directory = directory
         self.name = directory.name
+        self.in_memory = in_memory  # a tmpfs slot: its pages are the host's RAM
         self.capacity = 0
         # The safetensors file the slot maps: tensors.safetensors, or an Export's tensors_file.
         self.data_file = TENSORS_FILE
@@ -335,11 +344,18 @@ class Slot:
             self._create(max(mmap.PAGESIZE, -(-needed // mmap.PAGESIZE) * mmap.PAGESIZE))
 
     def _create(self, capacity: int) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Checked before any byte is reserved: a tmpfs that fills up, or a host that runs out
+        # of memory, must cost this capture, never the trainer's life.
+        problem = no_room(self.directory, capacity, in_memory=self.in_memory, reusing=self.allocated())
+        if problem is not None:
+            raise SnapshotError(f"no room to stage {capacity / 2**20:.0f} MiB: {problem}")
         for folder in (self.directory.parent, self.directory):
+            # Checked before anything is made: a folder planted as a link to elsewhere must
+            # not get a slot created in its target.
             problem = not_private(folder)
             if problem is not None:
                 raise SnapshotError(f"refusing to stage into it: {problem}")
+            folder.mkdir(exist_ok=True, mode=0o700)
         self._refuse_links()
         fd = _open_for_writing(self.tensors_path, os.O_RDWR)
         try:
@@ -349,7 +365,7 @@ class Slot:
             os.close(fd)
             self.tensors_path.unlink(missing_ok=True)
             raise SnapshotError(
-                f"cannot reserve {capacity / 2**20:.0f} MiB of shared memory in "
+                f"cannot reserve {capacity / 2**20:.0f} MiB of staging space in "
                 f"{self.directory.parent}: {exc.strerror}; free space there or snapshot less"
             ) from exc
         self._fd, self._map, self.capacity = fd, mapping, capacity
@@ -358,6 +374,13 @@ class Slot:
     def write(self, layout: Layout, tensors: Sequence[tuple[str, torch.Tensor]], structure: bytes) -> None:
         """Fill the slot with a nested state: its tensors and ``structure.json``."""
         self.write_files(layout, tensors, {STRUCTURE_FILE: structure})
+
+    def allocated(self) -> int:
+        """Bytes the slot's data file holds now: freed when it is recreated."""
+        try:
+            return os.lstat(self.tensors_path).st_blocks * 512
+        except OSError:
+            return 0
 
     def write_files(
         self, layout: Layout, tensors: Sequence[tuple[str, torch.Tensor]], files: Mapping[str, bytes]
@@ -400,7 +423,8 @@ class Slot:
         if self._pinned or self._bytes is None:
             return self._pinned
         ptr, size = self._bytes.data_ptr(), self._bytes.numel()
-        self._pinned = torch.cuda.cudart().cudaHostRegister(ptr, size, 0) == 0
+        # Flag 1 (cudaHostRegisterPortable), as torch.cuda._pin_memory_utils registers memory.
+        self._pinned = int(torch.cuda.cudart().cudaHostRegister(ptr, size, 1)) == 0
         return self._pinned
 
     def _refuse_links(self) -> None:
@@ -433,7 +457,7 @@ class Slot:
 
     def close(self) -> None:
         if self._pinned and self._bytes is not None:
-            torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
+            int(torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr()))
         self._pinned = False
         self._bytes = None
         if self._map is not None:

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import queue
+import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ckptd.errors import ProtocolError, SnapshotError
 from ckptd.policy import PreservationPolicy, plan_deletions
-from ckptd.protocol import Ack
+from ckptd.protocol import Ack, RunPaths
 from ckptd.records import CheckpointRecord
 from ckptd.shards import ShardPlan, plan_shards, read_header
-from ckptd.staging import read_slot_token
+from ckptd.staging import read_slot_token, slot_dir
 from ckptd.store import PendingCheckpoint, Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -69,9 +72,11 @@ class Persister:
         criteria: Mapping[str, str],
         lineage: frozenset[str],
         best_steps: Callable[[], frozenset[int]],
+        paths: RunPaths,
     ) -> None:
         self.store = store
         self.staging = staging
+        self.paths = paths  # a disk slot (``disk-N``) lives in the run's .ckptd/staging/
         self.policy = policy
         self.run_id = run_id
         self.criteria = dict(criteria)  # metric -> mode, recorded in every manifest
@@ -155,7 +160,7 @@ class Persister:
 
     def _copy_and_commit(self, job: Job) -> CheckpointRecord:
         ack = job.ack
-        slot = self.staging / ack.slot
+        slot = slot_dir(self.staging, self.paths, ack.slot)
         self._check_slot(ack, slot)
         with self.store.writing(ack.captured_step) as pending:
             self._copy_files(ack, slot, pending)
@@ -166,15 +171,22 @@ class Persister:
     @staticmethod
     def _copy_files(ack: Ack, slot: Path, pending: PendingCheckpoint) -> None:
         """Every file of the slot into ``pending``; the tensors file as shards and an index
-        when the ack asks for shards and it does not fit one."""
+        when the ack asks for shards and it does not fit one. Up to ``_WRITERS`` files are
+        written at once, the biggest first; the first error is raised once none is being
+        written any more (``Store.writing`` then removes the temp dir whole)."""
         plan = _shard_plan(ack, slot)
+        writes: list[tuple[int, Callable[[], object]]] = []
         for name, nbytes in sorted(ack.files.items()):
             if plan is not None and name == ack.token_file:
                 for shard in plan.shards:
-                    pending.write_shard(shard.name, shard.header, slot / name, shard.ranges)
-                pending.add_file(plan.index_name, plan.index)
+                    size = len(shard.header) + sum(end - start for start, end in shard.ranges)
+                    write = partial(pending.write_shard, shard.name, shard.header, slot / name, shard.ranges)
+                    writes.append((size, write))
+                writes.append((len(plan.index), partial(pending.add_file, plan.index_name, plan.index)))
             else:
-                pending.copy_in(name, slot / name, nbytes)
+                writes.append((nbytes, partial(pending.copy_in, name, slot / name, nbytes)))
+        writes.sort(key=lambda sized: -sized[0])  # stable: equal sizes keep name order
+        _write_concurrently([write for _, write in writes])
 
     def _manifest(self, job: Job) -> dict[str, object]:
         ack = job.ack
@@ -199,9 +211,12 @@ class Persister:
                 raise SlotLost(f"{folder} is not a plain directory (a symlink?); refusing to read it")
         for name, nbytes in ack.files.items():
             try:
-                size = (slot / name).lstat().st_size
+                info = (slot / name).lstat()
             except FileNotFoundError:
                 raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
+            if not stat.S_ISREG(info.st_mode):  # a link to /etc/passwd will not become a slot
+                raise SlotLost(f"{slot / name} is not a regular file (a symlink?); refusing to read it")
+            size = info.st_size
             if size < nbytes:
                 raise SlotLost(f"{slot / name} holds {size} of the {nbytes} bytes the ack names")
         if ack.token and read_slot_token(slot, ack.token_file) != ack.token:
@@ -219,6 +234,33 @@ class Persister:
             ):
                 return record
         return None
+
+
+# Files of one checkpoint written at once (shards of one slot file, the small files beside it):
+# one writer copies into the page cache at one core's memcpy speed, below a fast disk's. On the
+# 2-vCPU development VM (virtio disk) a 1 GiB model in 4 shards took 1.07-1.10 s with 2-4
+# writers, 1.31 s with one (median of 5), and no worse under load: the disk bounds it there.
+# Each writer's hash runs on the store's hashing threads.
+_WRITERS = 3
+
+
+def _write_concurrently(writes: Sequence[Callable[[], object]]) -> None:
+    """Run every write, up to ``_WRITERS`` at once; raise the first error (in the given order)
+    only once every write that started has ended, and start none after one failed."""
+    if len(writes) <= 1:
+        for write in writes:
+            write()
+        return
+    name = f"{threading.current_thread().name} writer"
+    with ThreadPoolExecutor(min(_WRITERS, len(writes)), thread_name_prefix=name) as pool:
+        futures = [pool.submit(write) for write in writes]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            future.cancel()  # not started yet: the persist has failed, or all are done
+    # Leaving the pool waited for the writes under way: no thread touches the temp dir now.
+    for future in futures:
+        if not future.cancelled():
+            future.result()
 
 
 def _shard_plan(ack: Ack, slot: Path) -> ShardPlan | None:

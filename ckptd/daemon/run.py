@@ -55,7 +55,7 @@ from ckptd.protocol import (
     write_control,
 )
 from ckptd.records import Best, LogEvent, Verdict
-from ckptd.staging import allocated_bytes, busy_slots, not_private, staging_dir_for
+from ckptd.staging import allocated_bytes, busy_slots, disk_staging_dir, not_private, staging_dir_for
 from ckptd.store import Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -167,6 +167,9 @@ class RunDaemon:
         for name in self.store.clean_temp():
             log.warning("removed %s left in the store by an interrupted write", name)
         self._make_staging()
+        # What killed runs of this user left in shared memory (and idle disk slots of ours).
+        for orphan in sweep.sweep_at_start(self.config.run_dir, self.staging):
+            log.info("swept %s (%d MiB): %s", orphan.path, orphan.nbytes >> 20, orphan.why)
         self._persister = Persister(
             self.store,
             self.staging,
@@ -176,6 +179,7 @@ class RunDaemon:
             criteria={c.metric: c.mode for c in self.config.criteria},
             lineage=lineage,
             best_steps=lambda: self._best_steps,
+            paths=self.paths,
         )
         self._note_bests()
         self._publish_first()
@@ -574,21 +578,22 @@ class RunDaemon:
             self._retry_at[name] = time.monotonic() + _SLOT_RETRY_S
 
     def _remove_idle_slots(self) -> None:
-        """Slots no pending ack holds would otherwise pin shared memory after we are gone."""
-        if self.staging.is_symlink():
-            # Never through a link: it could point anywhere (it deleted a user's folder once).
-            self._error(f"{self.staging} is a symbolic link; left alone, nothing removed through it")
-            return
+        """Slots no pending ack holds would otherwise pin shared memory (or disk) after we are gone."""
         busy = busy_slots(self.paths)
-        try:
-            entries = list(self.staging.iterdir())
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        for entry in entries:
-            if entry.name not in busy and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-        if not busy:
-            shutil.rmtree(self.staging, ignore_errors=True)
+        for staging in (self.staging, disk_staging_dir(self.paths)):
+            if staging.is_symlink():
+                # Never through a link: it could point anywhere (it deleted a user's folder once).
+                self._error(f"{staging} is a symbolic link; left alone, nothing removed through it")
+                continue
+            try:
+                entries = list(staging.iterdir())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                if entry.name not in busy and entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+            if not busy.intersection(e.name for e in entries):
+                shutil.rmtree(staging, ignore_errors=True)
 
     # -- status and state ----------------------------------------------------------------------
 
@@ -637,7 +642,7 @@ class RunDaemon:
                 },
                 "persisted": self._persisted,
                 "persists_in_flight": len(self._queued),
-                "staged_bytes": allocated_bytes(self.staging),
+                "staged_bytes": allocated_bytes(self.staging) + allocated_bytes(disk_staging_dir(self.paths)),
                 **self._store_counts(),
                 "last_persist_seconds": self._last_persist_s,
                 "pending_acks": len(pending_ack_paths(self.paths)),
@@ -725,6 +730,20 @@ def _mode_of(metric: str, criteria: tuple[str, ...]) -> str:
 
 
 def _memory(process: psutil.Process) -> dict[str, int]:
-    """RSS, and its anonymous part: RSS also counts the shared pages of a slot being persisted."""
+    """RSS, and its anonymous part: RSS also counts the shared pages of a slot being persisted.
+
+    The anonymous part is the kernel's own ``RssAnon`` (``/proc/<pid>/status``, Linux 4.5+);
+    elsewhere RSS less its shared pages, which also leaves out file pages the process alone
+    maps (its libraries): a little less than ``RssAnon``.
+    """
     memory = process.memory_info()
-    return {"rss_bytes": memory.rss, "rss_anon_bytes": memory.rss - getattr(memory, "shared", 0)}
+    anon = memory.rss - getattr(memory, "shared", 0)
+    try:
+        with open(f"/proc/{process.pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1]) * 1024  # "RssAnon:    1234 kB"
+                    break
+    except (OSError, ValueError, IndexError):
+        pass  # no procfs (another OS, a sandbox): the estimate stands
+    return {"rss_bytes": memory.rss, "rss_anon_bytes": anon}

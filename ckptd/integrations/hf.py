@@ -59,7 +59,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 
 from ckptd.client import Export
 from ckptd.client.collective import agree, is_leader
-from ckptd.integrations.link import RunLink
+from ckptd.integrations.link import RunLink, track_optimizer
 from ckptd.protocol import read_small_file
 from ckptd.shards import parse_size
 
@@ -121,7 +121,11 @@ class CkptdCallback(TrainerCallback):
         self._training = True
         self._prepared = False
         self._deferred_step = -1
-        self.link.client(args.output_dir)
+        client = self.link.client(args.output_dir)
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None:
+            # The copy of the weights then overlaps the next step's forward and backward.
+            track_optimizer(client, optimizer)
         model = kwargs.get("model")
         if model is not None:
             # Saved once, now: these files do not change while the run trains.

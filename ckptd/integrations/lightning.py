@@ -58,7 +58,7 @@ with torch_required():  # without torch: say which extra to install
 
 from ckptd.client import load_snapshot
 from ckptd.client.collective import agree
-from ckptd.integrations.link import RunLink
+from ckptd.integrations.link import RunLink, track_optimizer
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -113,6 +113,9 @@ class CkptdCallback(pl.Callback):
             return  # no optimizer step yet (gradient accumulation): nothing to capture
         client = self.link.client(trainer.default_root_dir)
         if not self._prepared:
+            # The copy of the weights then overlaps the next step's forward and backward.
+            for optimizer in trainer.optimizers:
+                track_optimizer(client, optimizer)
             # After the first optimizer step the optimizer state exists: fault in a slot of the
             # checkpoint's size before the first validation needs it. False (and retried at the
             # next step) while no daemon has said where slots go.

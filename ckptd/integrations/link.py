@@ -6,12 +6,15 @@ process that acts (global rank 0) and closed at the end of training: one class s
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import IO
 
 from ckptd.client import CheckpointClient
 from ckptd.protocol import RunPaths, read_control
+
+log = logging.getLogger("ckptd.integrations")
 
 RUN_DIR_ENV = "CKPTD_RUN_DIR"  # set by `ckptd sidecar` for every process of its command
 
@@ -71,3 +74,12 @@ class RunLink:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def track_optimizer(client: CheckpointClient, optimizer: object) -> None:
+    """Let ``client`` overlap its copies with the next steps; an optimizer it cannot hook (not
+    a torch optimizer, such as some engines' own) leaves captures whole, as before."""
+    try:
+        client.track_optimizer(optimizer)
+    except TypeError as exc:
+        log.info("ckptd: captures will not overlap training: %s", exc)

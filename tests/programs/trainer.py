@@ -33,7 +33,10 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     evals: dict[int, float] = {}
     captured: list[int] = []
-    with (args.run_dir / "logging.jsonl").open("a") as log, CheckpointClient(args.run_dir) as ckpt:
+    with (
+        (args.run_dir / "logging.jsonl").open("a") as log,
+        CheckpointClient(args.run_dir, optimizer=optimizer) as ckpt,
+    ):
         for step in range(1, args.steps + 1):
             batch = torch.randint(0, task.x_train.shape[0], (16,), generator=task.batches)
             loss = torch.nn.functional.mse_loss(model(task.x_train[batch]), task.y_train[batch])
