@@ -236,6 +236,12 @@ FAMILIES: tuple[Family, ...] = (
         _trainer_skips,
     ),
     Family("ckptd_rss_bytes", "gauge", "Resident memory of the daemon.", _field("rss_bytes", _count)),
+    Family(
+        "ckptd_rss_anon_bytes",
+        "gauge",
+        "Anonymous resident memory of the daemon (RSS without the shared pages of a slot it reads).",
+        _field("rss_anon_bytes", _count),
+    ),
 )
 
 

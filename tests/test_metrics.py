@@ -131,6 +131,7 @@ def _expected_simple(status: Mapping[str, Any]) -> dict[str, float]:
         "ckptd_pending_acks": "pending_acks",
         "ckptd_persists_total": "persisted",
         "ckptd_rss_bytes": "rss_bytes",
+        "ckptd_rss_anon_bytes": "rss_anon_bytes",
     }
     return {
         family: float(status[key])
