@@ -397,6 +397,26 @@ def _counts_by_cause(counts: Mapping[str, Any]) -> dict[str, int]:
     return dict(sorted((k, v) for k, v in counts.items() if is_token(k) and is_count(v))[:16])
 
 
+def flock_held(path: Path) -> bool | None:
+    """Whether some process holds an flock on ``path``, read from ``/proc/locks`` without taking
+    the lock (taking it, even for a moment, could make a starting daemon or client think another
+    one serves the run). False when there is no such file; None when it cannot be told (no
+    ``/proc/locks``, the file not ours to stat)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            table = handle.read()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
+
+
 def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:
     """Seconds since the daemon last refreshed status.json, or None when it never did.
 

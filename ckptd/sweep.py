@@ -48,6 +48,7 @@ from ckptd.protocol import (
     RunPaths,
     atomic_write_json,
     daemon_alive,
+    flock_held,
     pending_ack_paths,
     read_small_file,
     read_small_json,
@@ -242,9 +243,9 @@ def _unused(paths: RunPaths, *, daemon: bool) -> frozenset[str] | None:
     try:
         if not _real_dir(paths.meta):
             return None
-        if daemon and (daemon_alive(paths) or _flock_held(paths.lock)):
+        if daemon and (daemon_alive(paths) or flock_held(paths.lock)):
             return None
-        if _flock_held(paths.client_lock):
+        if flock_held(paths.client_lock):
             return None
         return _acked_slots(paths)
     except (OSError, ValueError, RecursionError):
@@ -276,21 +277,6 @@ def _ack_slot(path: Path) -> str:
     if not isinstance(document, dict) or document.get("protocol") != PROTOCOL_VERSION:
         raise ValueError(f"{path}: not a protocol {PROTOCOL_VERSION} ack")
     return Ack.from_json(path, document).slot
-
-
-def _flock_held(path: Path) -> bool:
-    """Whether some process holds an flock on ``path``, read from ``/proc/locks`` without
-    taking the lock (taking it, even for a moment, could make a starting daemon or client
-    think another one serves the run). False when there is no such file or no /proc/locks:
-    then the heartbeat alone tells a live daemon."""
-    try:
-        info = os.stat(path)
-        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            table = handle.read()
-    except OSError:
-        return False
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
 
 
 def _staging_dirs(root: Path) -> Iterator[Path]:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckptd.protocol import RunPaths
+from ckptd.protocol import RunPaths, flock_held
 from ckptd.settings import ServeSettings
 
 MAX_DEPTH = 4  # run files are looked for this many folders below a root, no deeper
@@ -129,22 +129,10 @@ def _is_plain_file(path: Path) -> bool:
 
 
 def trainer_alive(run_dir: Path) -> bool | None:
-    """Whether a trainer's capturing client holds the run's client lock: read from
-    ``/proc/locks`` without taking the lock (taking it, even for a moment, could make a
-    starting trainer think another client serves the run). None where that cannot be told."""
-    try:
-        info = os.stat(RunPaths(run_dir).client_lock)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            table = handle.read()
-    except OSError:
-        return None
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
+    """Whether a trainer's capturing client holds the run's client lock (``flock_held``: read
+    without taking the lock, which could make a starting trainer think another client serves
+    the run). None where that cannot be told."""
+    return flock_held(RunPaths(run_dir).client_lock)
 
 
 def idle_for(candidate: Candidate, log: Path) -> float:
