@@ -314,3 +314,34 @@ def test_a_client_dropped_without_close_lets_the_next_one_serve(
     free_slots(run)
     with CheckpointClient(run.run_dir, optimizer=optimizer) as second:
         assert second.maybe_snapshot(2 * EVERY, lambda: state_of(model, optimizer)), "the lock was kept"
+
+
+def test_a_capture_right_after_another_waits_for_it_and_takes_the_other_slot(
+    run: RunPaths,
+    shm_root: Path,
+    trained: tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, optimizer, batch = trained
+    copy_tensor = Slot.copy_tensor
+
+    def slow_copy(self: Slot, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.01)  # the first copy is still running when the second capture comes
+        copy_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(Slot, "copy_tensor", slow_copy)
+    with CheckpointClient(run.run_dir, optimizer=optimizer) as client:
+        assert client.maybe_snapshot(EVERY, lambda: state_of(model, optimizer))
+        first = flat_copy(model, optimizer)
+        # No optimizer step in between: the next capture itself must not touch the slot still
+        # being filled, nor start before the first is acknowledged.
+        assert client.maybe_snapshot(2 * EVERY, lambda: state_of(model, optimizer))
+        slots = {read_ack(p).captured_step: read_ack(p).slot for p in pending_ack_paths(run)}
+        assert slots.get(EVERY) is not None, "the second capture started before the first's ack"
+        train_step(model, optimizer, batch)
+        client.wait_staged()
+        got = staged(run, shm_root)
+    assert sorted(slots) in ([EVERY], [EVERY, 2 * EVERY])
+    assert len({read_ack(p).slot for p in pending_ack_paths(run)}) == 2  # never the same slot
+    for step in (EVERY, 2 * EVERY):
+        assert all(torch.equal(got[step][name], tensor) for name, tensor in first.items()), step
