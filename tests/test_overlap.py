@@ -345,3 +345,30 @@ def test_a_capture_right_after_another_waits_for_it_and_takes_the_other_slot(
     assert len({read_ack(p).slot for p in pending_ack_paths(run)}) == 2  # never the same slot
     for step in (EVERY, 2 * EVERY):
         assert all(torch.equal(got[step][name], tensor) for name, tensor in first.items()), step
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_the_integrations_overlap_unless_told_not_to(
+    run: RunPaths,
+    trained: tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+    overlap: bool,
+) -> None:
+    from ckptd.integrations.link import RunLink
+
+    model, optimizer, _ = trained
+    copy_tensor = Slot.copy_tensor
+
+    def slow_copy(self: Slot, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.01)
+        copy_tensor(self, *args, **kwargs)
+
+    monkeypatch.setattr(Slot, "copy_tensor", slow_copy)
+    link = RunLink(run.run_dir, "metrics.jsonl", 2.0, overlap)
+    client = link.client(None)
+    link.track(client, optimizer)  # what both callbacks do with the framework's optimizer
+    try:
+        assert client.maybe_snapshot(EVERY, lambda: state_of(model, optimizer))
+        assert bool(pending_ack_paths(run)) is not overlap  # acked at return only when not overlapped
+    finally:
+        link.close()

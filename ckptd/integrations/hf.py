@@ -59,7 +59,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 
 from ckptd.client import Export
 from ckptd.client.collective import agree, is_leader
-from ckptd.integrations.link import RunLink, track_optimizer
+from ckptd.integrations.link import RunLink
 from ckptd.protocol import read_small_file
 from ckptd.shards import parse_size
 
@@ -89,6 +89,9 @@ class CkptdCallback(TrainerCallback):
     ``max_shard_size`` is ``save_pretrained``'s: weights above it are stored as shards plus
     ``model.safetensors.index.json`` (bytes, or a string such as ``"5GB"``); by default the
     installed transformers' own default. A PEFT adapter stays one file, as PEFT saves it.
+    ``overlap`` (default on) lets a capture's copy of the weights run while the next step's
+    forward and backward do (the optimizer's step waits for it); turn it off when a callback of
+    yours writes the params through ``.data`` between an eval and the next step.
     """
 
     def __init__(
@@ -98,8 +101,9 @@ class CkptdCallback(TrainerCallback):
         log_name: str = "ckptd-metrics.jsonl",
         rendezvous_timeout: float = 2.0,
         max_shard_size: int | str | None = None,
+        overlap: bool = True,
     ) -> None:
-        self.link = RunLink(run_dir, log_name, rendezvous_timeout)
+        self.link = RunLink(run_dir, log_name, rendezvous_timeout, overlap)
         # Parsed now: a bad size is the user's mistake to see at once, not at the first best.
         self.max_shard_bytes = parse_size(
             _save_pretrained_shard_size() if max_shard_size is None else max_shard_size
@@ -125,7 +129,7 @@ class CkptdCallback(TrainerCallback):
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             # The copy of the weights then overlaps the next step's forward and backward.
-            track_optimizer(client, optimizer)
+            self.link.track(client, optimizer)
         model = kwargs.get("model")
         if model is not None:
             # Saved once, now: these files do not change while the run trains.

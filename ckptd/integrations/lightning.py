@@ -58,7 +58,7 @@ with torch_required():  # without torch: say which extra to install
 
 from ckptd.client import load_snapshot
 from ckptd.client.collective import agree
-from ckptd.integrations.link import RunLink, track_optimizer
+from ckptd.integrations.link import RunLink
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -81,6 +81,9 @@ class CkptdCallback(pl.Callback):
     ``run_dir`` is the daemon's RUN_DIR: by default ``$CKPTD_RUN_DIR``, else the Trainer's
     ``default_root_dir``. ``log_name`` is the log inside it (give the daemon ``--log`` the same).
     ``rendezvous_timeout`` bounds the wait for a verdict after each validation, in seconds.
+    ``overlap`` (default on) lets a capture's copy of the weights run while the next step's
+    forward and backward do (every optimizer step waits for it); turn it off when a callback of
+    yours writes the params through ``.data`` between a validation and the next step.
     """
 
     def __init__(
@@ -89,9 +92,10 @@ class CkptdCallback(pl.Callback):
         *,
         log_name: str = "ckptd-metrics.jsonl",
         rendezvous_timeout: float = 2.0,
+        overlap: bool = True,
     ) -> None:
         super().__init__()
-        self.link = RunLink(run_dir, log_name, rendezvous_timeout)
+        self.link = RunLink(run_dir, log_name, rendezvous_timeout, overlap)
         self._prepared = False
         self._capturing: bool | None = None  # decided at the first capture point of a fit
         # (step, captured) of the last validation, as global zero decided it: the same on every rank.
@@ -115,7 +119,7 @@ class CkptdCallback(pl.Callback):
         if not self._prepared:
             # The copy of the weights then overlaps the next step's forward and backward.
             for optimizer in trainer.optimizers:
-                track_optimizer(client, optimizer)
+                self.link.track(client, optimizer)
             # After the first optimizer step the optimizer state exists: fault in a slot of the
             # checkpoint's size before the first validation needs it. False (and retried at the
             # next step) while no daemon has said where slots go.

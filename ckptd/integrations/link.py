@@ -24,11 +24,16 @@ class RunLink:
     ``CheckpointClient`` on it and the metrics JSONL the daemon follows, opened on first use."""
 
     def __init__(
-        self, run_dir: str | os.PathLike[str] | None, log_name: str, rendezvous_timeout: float
+        self,
+        run_dir: str | os.PathLike[str] | None,
+        log_name: str,
+        rendezvous_timeout: float,
+        overlap: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log_name = log_name
         self.rendezvous_timeout = rendezvous_timeout
+        self.overlap = overlap
         self._client: CheckpointClient | None = None
         self._log: IO[str] | None = None
 
@@ -43,6 +48,18 @@ class RunLink:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._client = CheckpointClient(run_dir, rendezvous_timeout=self.rendezvous_timeout)
         return self._client
+
+    def track(self, client: CheckpointClient, optimizer: object) -> None:
+        """Let ``client`` overlap its copies with the next steps (unless ``overlap`` is off: a
+        callback of the user's writes params through ``.data`` between an eval and the next
+        step). An optimizer it cannot hook (not a torch optimizer, such as some engines' own)
+        leaves captures whole, as before."""
+        if not self.overlap:
+            return
+        try:
+            client.track_optimizer(optimizer)
+        except TypeError as exc:
+            log.info("ckptd: captures will not overlap training: %s", exc)
 
     def log_file(self, framework_dir: str | os.PathLike[str] | None) -> IO[str]:
         if self._log is None:
@@ -74,12 +91,3 @@ class RunLink:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-def track_optimizer(client: CheckpointClient, optimizer: object) -> None:
-    """Let ``client`` overlap its copies with the next steps; an optimizer it cannot hook (not
-    a torch optimizer, such as some engines' own) leaves captures whole, as before."""
-    try:
-        client.track_optimizer(optimizer)
-    except TypeError as exc:
-        log.info("ckptd: captures will not overlap training: %s", exc)
