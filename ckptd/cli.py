@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_request(commands)
     _add_serve(commands)
     _add_gc(commands)
+    _add_plot(commands)
     _add_demo(commands)
     return parser
 
@@ -306,7 +307,8 @@ def _add_status(commands: Any) -> None:
         "roots of --config.",
         "status.json plus alive and heartbeat_age_s (without RUN_DIR: a list of them)",
         _exit_codes(
-            ok="a live daemon follows RUN_DIR (without it: every run listed is followed)",
+            ok="a live daemon follows RUN_DIR (without it: every run listed is followed); "
+            "--watch stopped by Ctrl-C",
             empty="no live daemon follows it (without RUN_DIR: some run listed is not followed)",
             usage=_USAGE,
         ),
@@ -318,6 +320,15 @@ def _add_status(commands: Any) -> None:
         default=DEFAULT_NODE_CONFIG,
         metavar="FILE",
         help=f"without RUN_DIR: the node config whose roots are listed (default {DEFAULT_NODE_CONFIG})",
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep showing it, refreshed every --interval, until Ctrl-C (exit 0): redrawn in place "
+        "on a terminal; otherwise one line per change (with --json: one object per change)",
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="with --watch: seconds between refreshes (1)"
     )
 
 
@@ -547,6 +558,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        return _watch_status(args)
     if args.run_dir is None:
         return _node_status(args)
     paths = RunPaths(_run_dir(args))
@@ -645,6 +658,23 @@ def _number(value: object) -> int:
 
 def _float(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch``: one run, or every run the node config's roots hold (found anew each time)."""
+    from ckptd import watch
+
+    if not 0.05 <= args.interval <= 3600:
+        raise ConfigError(f"--interval must be a number of seconds from 0.05 to 3600, not {args.interval}")
+    if args.run_dir is not None:
+        run_dir = _run_dir(args)
+        return watch.watch(lambda: [watch.sample(run_dir)], interval=args.interval, as_json=args.json)
+    from ckptd.node.discover import find_runs
+
+    node = settings.load_file(args.config).serve_settings()
+    return watch.watch(
+        lambda: [watch.sample(c.run_dir) for c in find_runs(node)], interval=args.interval, as_json=args.json
+    )
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -1096,3 +1126,70 @@ def _manifest_bytes(store: Store, name: str) -> int:
     if not isinstance(files, dict):
         return 0
     return sum(_number(entry.get("bytes")) for entry in files.values() if isinstance(entry, dict))
+
+
+def _add_plot(commands: Any) -> None:
+    plot = _query(
+        commands,
+        "plot",
+        _cmd_plot,
+        "draw the watched metric over steps, with what was kept",
+        "Draw each watched metric over steps, read from the log the daemon follows (as status.json, "
+        "the run's ckptd.toml and CKPTD_* variables name it, else detected), or from the checkpoints' "
+        "manifests when the log is gone. Marks every retained checkpoint (best, periodic, other), the "
+        "best eval, and where a save every --save-steps (default: the daemon's --every-steps) alone "
+        "would have landed. Colour only on a terminal.",
+        "the series and markers as a JSON object",
+        _exit_codes(
+            ok="drawn",
+            empty="nothing to plot: no eval in the log and no checkpoint",
+            usage=_USAGE + "; --png without matplotlib (pip install 'ckptd[plot]')",
+            store=_STORE,
+        ),
+    )
+    _add_store_option(plot)
+    plot.add_argument("--metric", help="METRIC[:min|max]: one panel (default: one per criterion)")
+    plot.add_argument("--png", metavar="FILE", help="also write a PNG image (needs matplotlib)")
+    plot.add_argument(
+        "--png-size", default="1000x400", metavar="WxH", help="the PNG's size in pixels (1000x400)"
+    )
+    plot.add_argument("--width", type=int, metavar="N", help="columns (default: the terminal's width)")
+    plot.add_argument(
+        "--save-steps", type=int, metavar="S", help="mark a save every S steps (default: the daemon's)"
+    )
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    import shutil
+
+    from ckptd import plot
+
+    width = args.width or shutil.get_terminal_size().columns
+    if width < plot.MIN_WIDTH:
+        raise ConfigError(f"--width must be at least {plot.MIN_WIDTH}, not {width}")
+    if args.save_steps is not None and args.save_steps < 1:
+        raise ConfigError(f"--save-steps must be >= 1, not {args.save_steps}")
+    size = _png_size(args.png_size)
+    data = plot.load_plot(_run_dir(args), _store_for(args), metric=args.metric, save_steps=args.save_steps)
+    if data.empty:
+        print(f"ckptd: nothing to plot in {args.run_dir}: no eval in the log, no checkpoint", file=sys.stderr)
+        if args.json:
+            print(json.dumps(plot.to_json(data), indent=1))
+        return EXIT_EMPTY
+    if args.png:
+        try:
+            plot.write_png(data, Path(args.png), size)
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"{plot.PNG_HINT} ({exc})") from exc
+    if args.json:
+        print(json.dumps(plot.to_json(data), indent=1))
+    else:
+        print("\n".join(plot.render_all(data, width, colour=sys.stdout.isatty())))
+    return EXIT_OK
+
+
+def _png_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not all(side.isdigit() and 100 <= int(side) <= 10000 for side in (width, height)):
+        raise ConfigError(f"--png-size must be WIDTHxHEIGHT in pixels, 100 to 10000 each, not {text!r}")
+    return int(width), int(height)

@@ -13,6 +13,7 @@ snapshot equals the logged one.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from ckptd._torch import torch_required
 with torch_required():  # without torch: say which extra to install
     import torch
 
+from ckptd import plot
 from ckptd.client import CheckpointClient, load_snapshot
 from ckptd.protocol import RunPaths, daemon_alive
 from ckptd.store import Store
@@ -161,7 +163,17 @@ def _report(
         "demo passed" if ok else f"demo FAILED (kept {sorted(r.step for r in kept)}, want {sorted(expected)})"
     )
     print(f"look around: ckptd ls {run_dir}; ckptd best {run_dir}; ckptd verify {run_dir}")
+    _picture(run_dir, store)
     return 0 if ok else 1
+
+
+def _picture(run_dir: Path, store: Store) -> None:
+    """The run as ``ckptd plot`` draws it, at the terminal's width, in colour only on a terminal."""
+    data = plot.load_plot(run_dir, store)
+    width = max(shutil.get_terminal_size().columns, plot.MIN_WIDTH)
+    print()
+    for panel in data.panels:
+        print("\n".join(plot.render_text(panel, width, colour=sys.stdout.isatty())))
 
 
 def _prove(
