@@ -27,7 +27,7 @@ from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
 from ckptd.notify import Notifier
-from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, metrics_to_json, read_status
+from ckptd.protocol import STALE_AFTER_S, RunPaths, format_bytes, heartbeat_age, metrics_to_json, read_status
 from ckptd.records import CheckpointRecord, Criterion, Mode
 from ckptd.store import MANIFEST, Store
 
@@ -507,7 +507,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 f"{r.step}{late}",
                 ",".join(r.tags) or "-",
                 _fmt_metric(r.metrics.get(metric)) + (" *" if r.name in best else ""),
-                _fmt_bytes(r.nbytes),
+                format_bytes(r.nbytes),
                 _fmt_age(now - r.created),
                 r.name,
             )
@@ -600,11 +600,11 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
 
     print(f"daemon      {_daemon_state(status, alive, age)}, pid {field('pid')} on {field('host')}")
     if alive:
-        rss, anon = (_fmt_bytes(_number(status.get(k))) for k in ("rss_bytes", "rss_anon_bytes"))
+        rss, anon = (format_bytes(_number(status.get(k))) for k in ("rss_bytes", "rss_anon_bytes"))
         print(f"heartbeat   {age:.1f} s ago, RSS {rss} ({anon} anonymous)")
     print(f"log         {field('log')} ({field('log_format')}, {field('watcher')})")
     lag = status.get("log_lag_bytes")
-    print(f"lag         {'unknown' if lag is None else _fmt_bytes(_number(lag))} unread")
+    print(f"lag         {'unknown' if lag is None else format_bytes(_number(lag))} unread")
     for c in _dicts(status.get("criteria")):
         print(f"watching    {_shown(c, 'metric')} ({_shown(c, 'mode')}), keep best {_shown(c, 'keep')}")
     bests = status.get("bests")
@@ -856,17 +856,6 @@ def _fmt_metric(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def _fmt_bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} TiB"
-
-
 def _fmt_age(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.0f}s"
@@ -1084,7 +1073,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     else:
         verb = "would remove" if args.dry_run else "removed"
         for orphan in swept:
-            print(f"{verb} {orphan.path} ({_fmt_bytes(orphan.nbytes)}): {orphan.why}")
+            print(f"{verb} {orphan.path} ({format_bytes(orphan.nbytes)}): {orphan.why}")
         for path in unknown:
             print(f"left {path}: it does not say which run it belongs to", file=sys.stderr)
         if not swept:
@@ -1107,8 +1096,9 @@ class _Meter:
             return
         self.drawn = now
         rate = self.done / max(now - self.started, 1e-9)
-        share = f"{100 * self.done / self.total:.0f}% of {_fmt_bytes(self.total)}, " if self.total else ""
-        sys.stderr.write(f"\r\x1b[K{self.name}  {share}{_fmt_bytes(self.done)} at {_fmt_bytes(int(rate))}/s")
+        share = f"{100 * self.done / self.total:.0f}% of {format_bytes(self.total)}, " if self.total else ""
+        speed = format_bytes(int(rate))
+        sys.stderr.write(f"\r\x1b[K{self.name}  {share}{format_bytes(self.done)} at {speed}/s")
         sys.stderr.flush()
 
     def clear(self) -> None:

@@ -542,3 +542,15 @@ def _request_tag(path: Path) -> str:
     if not is_token(tag):
         raise ProtocolError(path, f"tag {tag!r} is not a plain token")
     return str(tag)
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for people: B, then KiB, MiB, GiB, TiB with one decimal."""
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TiB"

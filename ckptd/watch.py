@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from ckptd.protocol import STALE_AFTER_S, RunPaths, heartbeat_age, read_status
+from ckptd.protocol import STALE_AFTER_S, RunPaths, format_bytes, heartbeat_age, read_status
 
 Status = dict[str, Any]
 
@@ -122,7 +122,7 @@ def summary(status: Status) -> str:
         ]
         lag = _int(status.get("log_lag_bytes"))
         parts += [
-            "lag " + ("?" if lag is None else _bytes(lag)),
+            "lag " + ("?" if lag is None else format_bytes(lag)),
             "best " + (", ".join(shown) or "none"),
             "last " + _verdict(status.get("last_verdict"), long=False),
             "persists " + _persists(status),
@@ -148,7 +148,7 @@ def _dead_state(status: Status) -> str:
 def _lag(status: Status) -> str:
     lag = _int(status.get("log_lag_bytes"))
     behind = _float(status.get("log_lag_seconds"))
-    text = "unknown" if lag is None else f"{_bytes(lag)} unread"
+    text = "unknown" if lag is None else f"{format_bytes(lag)} unread"
     return text + (f", {behind:.1f} s behind" if behind else "")
 
 
@@ -184,17 +184,6 @@ def _int(value: object) -> int | None:
 def _metric(value: object) -> str:
     number = _float(value)
     return "?" if number is None else f"{number:.6g}"
-
-
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} TiB"
 
 
 def _age(seconds: float) -> str:
