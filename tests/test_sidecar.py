@@ -332,11 +332,17 @@ while True:
 """
 
 
+def written(path: Path) -> bool:
+    """The file is there with its content: ``write_text`` creates it empty before it writes (a
+    pid read in between was once an empty string, and the test then hung on the sidecar)."""
+    return path.exists() and bool(path.read_text().strip())
+
+
 def test_a_sigterm_also_ends_the_trainer_a_launcher_leaves_behind(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     argv = sidecar(run_dir, sys.executable, "-c", LAUNCHER, TRAINER, str(tmp_path))
     with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
-        wait_for(lambda: (tmp_path / "trainer.pid").exists(), timeout=60)
+        wait_for(lambda: written(tmp_path / "trainer.pid"), timeout=60)
         trainer = int((tmp_path / "trainer.pid").read_text())
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -368,7 +374,7 @@ def test_processes_that_become_orphans_while_leftovers_are_ended_are_ended_too(t
     argv = sidecar(tmp_path / "run", sys.executable, "-c", LAUNCHER, NESTED, str(tmp_path))
     with subprocess.Popen(argv, stderr=subprocess.PIPE, text=True) as proc:
         wait_for(
-            lambda: (tmp_path / "grandchild.pid").exists() and (tmp_path / "trainer.pid").exists(), timeout=60
+            lambda: written(tmp_path / "grandchild.pid") and written(tmp_path / "trainer.pid"), timeout=60
         )
         grandchild = int((tmp_path / "grandchild.pid").read_text())
         proc.send_signal(signal.SIGTERM)
