@@ -27,7 +27,20 @@ from ckptd.config import MAX_POLL_INTERVAL_S, RunConfig, preflight_store
 from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreError
 from ckptd.logs.detect import FORMATS
 from ckptd.notify import Notifier
-from ckptd.protocol import STALE_AFTER_S, RunPaths, format_bytes, heartbeat_age, metrics_to_json, read_status
+from ckptd.protocol import (
+    NODE_ENV,
+    NODE_RANK_VARIABLES,
+    ROLES,
+    STALE_AFTER_S,
+    RunPaths,
+    check_node_id,
+    format_bytes,
+    heartbeat_age,
+    local_node_id,
+    metrics_to_json,
+    read_status,
+    resolve_role,
+)
 from ckptd.records import CheckpointRecord, Criterion, Mode
 from ckptd.store import MANIFEST, Store
 
@@ -99,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_best(commands)
     _add_status(commands)
     _add_verify(commands)
+    _add_export(commands)
     _add_prune(commands)
     _add_request(commands)
     _add_serve(commands)
@@ -184,6 +198,27 @@ def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[arg
         type=float,
         metavar="S",
         help=f"seconds, > 0 and <= {MAX_POLL_INTERVAL_S:g} (0.5)",
+    )
+    nodes = run.add_argument_group("multi-node jobs (docs/distributed.md)")
+    nodes.add_argument(
+        "--role",
+        choices=ROLES,
+        help="leader: the node of rank 0 follows the log, judges and commits; follower: another "
+        "node's daemon, storing its ranks' parts of sharded captures; auto (default): follower "
+        f"when the node rank ({', '.join('$' + v for v in NODE_RANK_VARIABLES)}, first set) is not 0",
+    )
+    nodes.add_argument(
+        "--node-id",
+        metavar="ID",
+        help="this node's id, the same for its daemon and its ranks (default: $CKPTD_NODE_ID, "
+        "else the hostname)",
+    )
+    nodes.add_argument(
+        "--shard-timeout",
+        type=float,
+        metavar="S",
+        help="a sharded (multi-rank) capture still missing a rank's part S seconds after its last "
+        "part arrived is removed and reported (600)",
     )
     run.add_argument(
         "--config",
@@ -354,6 +389,32 @@ def _add_verify(commands: Any) -> None:
     verify.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to verify (default: all)")
 
 
+def _add_export(commands: Any) -> None:
+    export = _query(
+        commands,
+        "export",
+        _cmd_export,
+        "write one checkpoint as a safetensors model for serving",
+        "Verify checkpoint NAME (default: the best, as `ckptd best` picks it) and write its model "
+        "weights into DIR as model.safetensors: a DCP checkpoint (FSDP2) and a ckptd snapshot are "
+        'converted (their "model" entry, else every tensor), a save_pretrained layout is copied. '
+        "With config.json (--config, else the checkpoint's own) DIR loads with from_pretrained. "
+        "DIR is written beside itself and renamed into place; an existing non-empty DIR is never "
+        "touched. Converting needs torch (pip install 'ckptd[torch]').",
+        "what was written, as a JSON object",
+        _exit_codes(
+            ok="exported",
+            empty="no checkpoint NAME in the store, or no best one",
+            usage=_USAGE + "; DIR not empty, a link, or in the store; --config unreadable; no torch",
+            store=_STORE + "; or the checkpoint fails verification (nothing written)",
+        ),
+    )
+    _add_store_option(export)
+    export.add_argument("name", nargs="?", metavar="NAME", help="checkpoint to export (default: the best)")
+    export.add_argument("--to", required=True, metavar="DIR", help="new directory to write the model into")
+    export.add_argument("--config", metavar="FILE", help="a model's config.json, copied into DIR")
+
+
 def _add_demo(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
@@ -381,6 +442,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         format="%(asctime)s ckptd[%(process)d] %(levelname)s %(message)s",
     )
     config = _run_config(args)
+    node_id = _node_id(args.node_id)
+    if resolve_role(args.role) == "follower":
+        return _run_follower(config, node_id)
     if not config.run_dir.exists():
         # Trainers often start after the daemon, so this is no error; but a mistyped path
         # would wait forever in silence, so say it where the user is looking.
@@ -392,6 +456,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
     # SIGHUP (systemctl reload): the options and files read again; what applies live does.
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(daemon, args)).start())
+    return daemon.run()
+
+
+def _node_id(given: str | None) -> str:
+    """The node id, checked, exported as $CKPTD_NODE_ID (the daemon and, under the sidecar, the
+    command's ranks read it there)."""
+    try:
+        node_id = check_node_id(given) if given else local_node_id()
+    except ValueError as exc:
+        raise ConfigError(f"--node-id / ${NODE_ENV}: {exc}") from None
+    os.environ[NODE_ENV] = node_id
+    return node_id
+
+
+def _run_follower(config: RunConfig, node_id: str) -> int:
+    from ckptd.daemon.follower import FollowerDaemon
+
+    daemon = FollowerDaemon(config.run_dir, config.store, node_id)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda num, _frame: daemon.request_stop(signal.Signals(num).name))
     return daemon.run()
 
 
@@ -437,6 +521,7 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         command,
         stop_timeout=args.stop_timeout,
         summary=lambda: _sidecar_summary(config.run_dir),
+        follower_node=_node_id(args.node_id) if resolve_role(args.role) == "follower" else None,
     )
     return sidecar.run()
 
@@ -528,14 +613,21 @@ def _nothing_in(store: Store, as_json: bool) -> int:
     return EXIT_EMPTY
 
 
-def _cmd_best(args: argparse.Namespace) -> int:
+def _best_of(
+    args: argparse.Namespace, store: Store, records: list[CheckpointRecord]
+) -> tuple[CheckpointRecord | None, Criterion]:
+    """The best of ``records`` as ``ckptd best`` picks it (``export`` takes the same one)."""
     from ckptd.policy import BestN
 
-    store = _store_for(args)
-    records = store.list()
     criterion = _criterion_for(args, store, records, warn=bool(records))  # no guess to own up to
     kept = BestN(criterion, 1).preserve(records)
-    best = next((r for r in records if r.name in kept), None)
+    return next((r for r in records if r.name in kept), None), criterion
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    store = _store_for(args)
+    records = store.list()
+    best, criterion = _best_of(args, store, records)
     if best is None:
         print(
             f"ckptd: no checkpoint with a finite {criterion.metric} in {store.root} "
@@ -617,6 +709,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         v = {k: _shown(verdict, k) for k in ("eval_step", "action", "reason")}
         print(f"last        step {v['eval_step']}: {v['action']} ({v['reason']})")
     print(f"persisted   {field('persisted')} checkpoint(s), {field('pending_acks')} pending")
+    _print_followers(status.get("followers"))
     malformed = status.get("malformed_lines")
     if isinstance(malformed, dict) and malformed:
         print("malformed   " + ", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items())))
@@ -637,6 +730,20 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         print(f"note        {note}")
     if status.get("last_error"):
         print(f"last error  {field('last_error')}")
+
+
+def _print_followers(followers: object) -> None:
+    """One line per follower node of a multi-node job (docs/distributed.md)."""
+    for node, report in followers.items() if isinstance(followers, dict) else ():
+        if not isinstance(report, dict):
+            continue
+        alive = report.get("alive") is True
+        state = "alive" if alive else f"NO HEARTBEAT (last {_shown(report, 'age_s')} s ago)"
+        error = f"; last error: {report['last_error']}" if report.get("last_error") else ""
+        print(
+            f"follower    node {node}: {state}, {_shown(report, 'parts_stored')} part(s) stored, "
+            f"{_shown(report, 'pending_acks')} pending{error}"
+        )
 
 
 def _shown(data: dict[str, Any], key: str) -> str:
@@ -728,6 +835,45 @@ def _problems_of(store: Store, name: str, meter: _Meter | None = None) -> list[s
         problem = getattr(exc, "problem", None) or str(exc)
         return [problem if problem.startswith("manifest") else f"manifest: {problem}"]
     return None if not store.path_of(name).exists() else problems
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ckptd import export
+    from ckptd._torch import TorchMissingError
+
+    store = _store_for(args)
+    name = args.name or _best_name(args, store)
+    if name is None or name not in store.checkpoint_dirs():
+        if name is not None:
+            print(f"ckptd: no checkpoint named {name} in {store.root} (see ckptd ls)", file=sys.stderr)
+        if args.json:
+            print("null")  # as `best --json` answers when there is nothing
+        return EXIT_EMPTY
+    # Verifying a large checkpoint takes a while: the same progress line as verify's, on a terminal.
+    meter = _Meter(name, _manifest_bytes(store, name)) if not args.json and sys.stderr.isatty() else None
+    config = Path(args.config) if args.config else None
+    try:
+        done = export.export(store, name, Path(args.to), config, meter)
+    except TorchMissingError as exc:
+        raise ConfigError(str(exc)) from exc  # the install hint, without a traceback
+    finally:
+        if meter is not None:
+            meter.clear()
+    if args.json:
+        print(json.dumps(done.to_json(), indent=1))
+    else:
+        size = format_bytes(done.nbytes)
+        print(f"exported {done.name} (step {done.step}): {done.tensors} tensors, {size} in {done.to}")
+    return EXIT_OK
+
+
+def _best_name(args: argparse.Namespace, store: Store) -> str | None:
+    """The best checkpoint's name, or None (said on stderr) when no checkpoint has the metric."""
+    records = store.list()
+    best, criterion = _best_of(args, store, records)
+    if best is None:
+        print(f"ckptd: no checkpoint with a finite {criterion.metric} in {store.root}", file=sys.stderr)
+    return best.name if best is not None else None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -34,6 +34,9 @@ class RunConfig:
     poll: bool = False
     poll_interval: float = 0.5
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    # A sharded capture still missing a rank's part this long after its last part arrived is
+    # removed (another node's daemon is gone).
+    shard_timeout: float = 600.0
 
     @property
     def paths(self) -> RunPaths:
@@ -61,6 +64,7 @@ class RunConfig:
         regex: str | None = None,
         poll: bool = False,
         poll_interval: float = 0.5,
+        shard_timeout: float = 600.0,
     ) -> RunConfig:
         """Resolve relative paths against the run directory and reject what cannot work.
 
@@ -74,6 +78,8 @@ class RunConfig:
         _check_keep_best(keep_best)
         _check_min_delta(min_delta)
         _check_poll_interval(poll_interval)
+        if not (isinstance(shard_timeout, (int, float)) and 0 < shard_timeout <= 1e7):
+            raise ConfigError(f"--shard-timeout must be seconds > 0 and <= 1e7, not {shard_timeout!r}")
         _check_read(log_format, step_key)
         criteria = tuple(parse_best(spec, keep_best, min_delta) for spec in best)
         if not criteria:
@@ -102,6 +108,7 @@ class RunConfig:
             regex=regex,
             poll=poll,
             poll_interval=poll_interval,
+            shard_timeout=float(shard_timeout),
         )
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import socket
 import stat
 import tempfile
 import time
@@ -34,8 +35,11 @@ HEARTBEAT_INTERVAL_S = 1.0
 # A heartbeat older than this means no daemon: several missed beats, not one slow disk.
 STALE_AFTER_S = 5.0
 
-_ACK_NAME = re.compile(r"^(?:\d{1,19}|step-\d{1,19})\.json$")
+_ACK_NAME = re.compile(r"^(?:\d{1,19}|step-\d{1,19})(?:-r\d{1,6})?\.json$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+# DCP's coordinator writes its metadata under this fixed name: the one dot-name a slot may hold.
+DCP_METADATA = ".metadata"
+_NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,10 @@ class RunPaths:
         """``ckptd request`` drops a file here; the daemon turns it into a snapshot verdict."""
         return self.meta / "requests"
 
+    def node(self, node_id: str) -> NodePaths:
+        """The files of the daemon on another node of a multi-node job (see ``NodePaths``)."""
+        return NodePaths(self.run_dir, check_node_id(node_id))
+
     @property
     def default_store(self) -> Path:
         return self.run_dir / "checkpoints"
@@ -89,6 +97,53 @@ class RunPaths:
     @property
     def default_log(self) -> Path:
         return self.run_dir / "logging.jsonl"
+
+
+@dataclass(frozen=True)
+class NodePaths(RunPaths):
+    """A follower daemon's own files, ``.ckptd/nodes/<node>/``: its lock, heartbeat (status) and
+    the acks of the ranks on its node. The leader's (node of rank 0) are ``.ckptd/`` itself;
+    control, state and store stay the leader's."""
+
+    node_id: str = ""
+
+    @property
+    def meta(self) -> Path:
+        return self.run_dir / ".ckptd" / "nodes" / self.node_id
+
+
+NODE_ENV = "CKPTD_NODE_ID"
+
+
+def local_node_id() -> str:
+    """This machine's node id in a multi-node job: ``$CKPTD_NODE_ID``, else the hostname."""
+    return check_node_id(os.environ.get(NODE_ENV) or socket.gethostname())
+
+
+ROLES = ("auto", "leader", "follower")
+# Where launchers put a node's rank: ckptd's own, Slurm's, and the NODE_RANK that Lightning,
+# Kubernetes job templates and torchrun's docs use. The first one set decides.
+NODE_RANK_VARIABLES = ("CKPTD_NODE_RANK", "SLURM_NODEID", "NODE_RANK")
+
+
+def resolve_role(role: str | None) -> str:
+    """``leader`` or ``follower``: as given, or (auto) follower when the node rank is not 0."""
+    if role in ("leader", "follower"):
+        return role
+    for variable in NODE_RANK_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        if value:
+            return "leader" if value == "0" else "follower"
+    return "leader"
+
+
+def check_node_id(node_id: str) -> str:
+    """A node id (a hostname, or ``CKPTD_NODE_ID``) is a path component: plain or refused."""
+    if not _NODE_ID.match(node_id):
+        raise ValueError(
+            f"node id {node_id!r} must be 1-64 letters, digits, '_', '.' or '-', not starting with '.' or '-'"
+        )
+    return node_id
 
 
 def atomic_write_json(path: Path, data: Any, *, durable: bool = False) -> None:
@@ -180,10 +235,13 @@ class Control:
     verdict: Verdict | None = None
     written: float = field(default_factory=time.time)
     standing: StandingVerdict | None = None
+    # The leader's node (the node of rank 0): ranks elsewhere ack to their own node's daemon.
+    node: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "protocol": PROTOCOL_VERSION,
+            "node": self.node,
             "seq": self.seq,
             "run_id": self.run_id,
             "staging": self.staging,
@@ -213,7 +271,15 @@ class Control:
             verdict=verdict,
             written=fields.number("written"),
             standing=standing,
+            node=_node_field(fields),
         )
+
+
+def _node_field(fields: Fields) -> str:
+    node = fields.text("node", "")
+    if node and not _NODE_ID.match(node):
+        raise fields.error("node", "a node id (letters, digits, '_', '.', '-')")
+    return node
 
 
 def verdict_from_fields(fields: Fields) -> Verdict:
@@ -277,11 +343,22 @@ class Ack:
     # Split ``token_file`` into shards of at most this many bytes (plus an index) when it
     # is stored, as save_pretrained(max_shard_size=...) does; None: keep it one file.
     shard_bytes: int | None = None
+    # One rank's part of a sharded (DCP) capture: every rank of the job acks its own files, all
+    # naming one ``capture`` id; the checkpoint is committed once all ``world_size`` are stored.
+    rank: int | None = None
+    world_size: int | None = None
+    capture: str = ""
 
     @staticmethod
-    def name_for(seq: int | None, step: int) -> str:
-        """``<seq>`` answers a verdict; ``step-<step>`` is a capture the schedule asked for."""
-        return str(seq) if seq is not None else f"step-{step}"
+    def name_for(seq: int | None, step: int, rank: int | None = None) -> str:
+        """``<seq>`` answers a verdict; ``step-<step>`` is a capture the schedule asked for;
+        ``-r<rank>`` is one rank's part of a sharded capture."""
+        base = str(seq) if seq is not None else f"step-{step}"
+        return base if rank is None else f"{base}-r{rank}"
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size is not None
 
     @property
     def eval_step(self) -> int:
@@ -304,6 +381,9 @@ class Ack:
             "token_file": self.token_file,
             "created": self.created,
             "shard_bytes": self.shard_bytes,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "capture": self.capture,
         }
 
     @classmethod
@@ -314,13 +394,15 @@ class Ack:
             raise fields.error("name", "'<seq>' or 'step-<step>'")
         files = fields.mapping("files")
         for fname, size in files.items():
-            if not _is_plain_name(fname) or not is_count(size):
+            if not is_plain_name(fname) or not is_count(size):
                 raise ProtocolError(path, f"bad file entry {fname!r}: {size!r}")
         token = fields.text("token", "")
         if token and not is_token(token):
             raise fields.error("token", "a plain identifier")
         token_file = fields.text("token_file", "tensors.safetensors")
-        if token and token_file not in files:
+        rank, world_size, capture = _rank_fields(fields)
+        # A sharded slot's token is in its capture.json, which is not stored.
+        if token and token_file not in files and world_size is None:
             raise fields.error("token_file", "one of the ack's files")
         shard_bytes = fields.optional_count("shard_bytes")  # absent in acks of older clients
         if shard_bytes is not None and (shard_bytes < 1 or token_file not in files):
@@ -339,12 +421,33 @@ class Ack:
             token_file=token_file,
             created=fields.number("created"),
             shard_bytes=shard_bytes,
+            rank=rank,
+            world_size=world_size,
+            capture=capture,
         )
 
 
-def _is_plain_name(name: object) -> bool:
+_MAX_WORLD = 1 << 20
+
+
+def _rank_fields(fields: Fields) -> tuple[int | None, int | None, str]:
+    """``rank``, ``world_size`` and ``capture`` of a sharded ack: all three or none."""
+    world_size = fields.optional_count("world_size")
+    if world_size is None:
+        if fields.has("rank"):
+            raise fields.error("world_size", "given with rank")
+        return None, None, ""
+    if not 1 <= world_size <= _MAX_WORLD:
+        raise fields.error("world_size", f"an integer from 1 to {_MAX_WORLD}")
+    rank = fields.count("rank")
+    if rank >= world_size:
+        raise fields.error("rank", f"below world_size {world_size}")
+    return rank, world_size, fields.token("capture")
+
+
+def is_plain_name(name: object) -> bool:
     """A file name inside a slot or checkpoint: one component, nothing a path could escape with."""
-    return isinstance(name, str) and _FILE_NAME.match(name) is not None
+    return isinstance(name, str) and (_FILE_NAME.match(name) is not None or name == DCP_METADATA)
 
 
 def write_ack(paths: RunPaths, ack: Ack) -> Path:
@@ -441,6 +544,29 @@ def read_status(paths: RunPaths) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError):
         return {}
     return document if isinstance(document, dict) else {}
+
+
+_MAX_NODES = 4096  # a listing of .ckptd/nodes/ stops here: a flood of folders is not a cluster
+
+
+def read_follower_reports(paths: RunPaths) -> dict[str, dict[str, Any]]:
+    """What each follower node's daemon last said (``.ckptd/nodes/<node>/status.json``): its
+    parts stored and pending, its last error, and ``age_s``, how old its heartbeat is."""
+    try:
+        folders = sorted(p for p in (paths.meta / "nodes").iterdir() if _NODE_ID.match(p.name))
+    except OSError:
+        return {}
+    reports = {}
+    for folder in folders[:_MAX_NODES]:
+        node = paths.node(folder.name)
+        status = read_status(node)
+        age = heartbeat_age(node)
+        reports[folder.name] = {
+            "age_s": None if age is None else round(age, 1),
+            "alive": age is not None and age <= STALE_AFTER_S,
+            **{k: status.get(k) for k in ("parts_stored", "pending_acks", "last_error", "state")},
+        }
+    return reports
 
 
 def read_small_json(path: Path, limit: int) -> object:

@@ -106,6 +106,7 @@ RUN_KEYS: dict[str, Key] = {
     "regex": Key(_is_str, "a regular expression with a (?P<step>...) group"),
     "poll": Key(_is_bool, "true or false"),
     "poll_interval": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
+    "shard_timeout": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
 }
 # Only in the file `ckptd run --config` names (a systemd instance's file): which run it is.
 RUN_DIR_KEY = "dir"
@@ -284,5 +285,5 @@ def run_config(run_dir: str | Path, options: Mapping[str, Any]) -> RunConfig:
 # The options RunConfig.build takes as they are (`format` under the name log_format).
 _BUILD_KEYS = (
     "keep_best", "min_delta", "log", "store", "keep_last", "keep_every", "every_steps",
-    "format", "step_key", "regex", "poll", "poll_interval",
+    "format", "step_key", "regex", "poll", "poll_interval", "shard_timeout",
 )

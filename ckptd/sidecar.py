@@ -77,9 +77,11 @@ class Sidecar:
         stop_timeout: float = 120.0,
         ready_timeout: float = READY_TIMEOUT_S,
         summary: Callable[[], None] | None = None,
+        follower_node: str | None = None,
     ) -> None:
         self.run_dir = run_dir
-        self.paths = RunPaths(run_dir)
+        # The heartbeat to wait for: a follower node's daemon writes its own (docs/distributed.md).
+        self.paths = RunPaths(run_dir).node(follower_node) if follower_node else RunPaths(run_dir)
         self.daemon_argv = [sys.executable, "-m", "ckptd", "run", str(run_dir), *daemon_options]
         self.command = list(command)
         self.stop_timeout = stop_timeout

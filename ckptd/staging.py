@@ -102,6 +102,24 @@ def read_slot_token(slot_dir: Path, tensors_file: str = TENSORS_FILE) -> str | N
     return _token_of(raw)
 
 
+CAPTURE_FILE = "capture.json"  # a sharded slot's token: written by the trainer after DCP's files
+_CAPTURE_FILE_BYTES = 4096
+
+
+def read_capture_token(slot_dir: Path) -> str | None:
+    """The token in a sharded (DCP) slot's ``capture.json``, or None (missing, a link, not a
+    small JSON object with a string token). The trainer removes it before writing the slot
+    and writes it last, so it plays the safetensors header's part for DCP's files."""
+    try:
+        fd = os.open(slot_dir / CAPTURE_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            data = json.loads(handle.read(_CAPTURE_FILE_BYTES + 1)[:_CAPTURE_FILE_BYTES])
+    except (OSError, ValueError, RecursionError):
+        return None
+    token = data.get("token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
 def read_header_bytes(handle: BinaryIO, valid: int) -> bytes:
     """The JSON header of the safetensors file open as ``handle``, read from its start.
 

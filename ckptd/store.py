@@ -7,6 +7,12 @@ and fsynced, the ``MANIFEST.json`` written last, the directory renamed to
 manifest, so a crash at any point leaves either nothing visible or a complete
 checkpoint. Deletion renames a checkpoint out of sight first, then removes it, and
 refuses anything that is not a committed checkpoint directly inside the store.
+
+A sharded checkpoint (one DCP file per rank, written by the daemons of several nodes into
+one shared store) is gathered in ``.shard-<capture>``: each rank's files are written and
+fsynced there, then a ``.rank-<r>.json`` marker naming them with their checksums. Only the
+leader commits: once every rank's marker is there it writes the manifest, removes the
+markers and renames the directory into place, so it becomes visible whole, once.
 """
 
 from __future__ import annotations
@@ -35,8 +41,15 @@ import xxhash
 from filelock import FileLock
 
 from ckptd.errors import CorruptCheckpoint, StoreError, StoreOwned
-from ckptd.fields import Fields
-from ckptd.protocol import atomic_write_json, fsync_dir, metrics_from_json, metrics_to_json
+from ckptd.fields import Fields, is_count, is_token
+from ckptd.protocol import (
+    atomic_write_json,
+    fsync_dir,
+    is_plain_name,
+    metrics_from_json,
+    metrics_to_json,
+    read_small_json,
+)
 from ckptd.records import CheckpointRecord
 
 log = logging.getLogger("ckptd.store")
@@ -44,6 +57,9 @@ log = logging.getLogger("ckptd.store")
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 TMP_PREFIX = ".tmp-"
+SHARD_PREFIX = ".shard-"
+_RANK_MARKER = re.compile(r"^\.rank-(\d{1,7})\.json$")
+_MARKER_MAX_BYTES = 4 << 20  # a rank's marker names its files: KiBs, never this
 LOCK_NAME = ".ckptd-store.lock"
 OWNER_NAME = ".ckptd-store.json"
 OWNER_FORMAT = 1
@@ -301,6 +317,121 @@ class Store:
             return name
         raise StoreError(self.root, f"too many checkpoints of step {pending.step}")
 
+    # -- sharded checkpoints, gathered from every rank (and node) ------------------------------
+
+    def shard_dir(self, capture: str) -> Path:
+        if not is_token(capture):
+            raise StoreError(self.root, f"refusing capture id {capture!r}: not a plain identifier")
+        return self.root / f"{SHARD_PREFIX}{capture}"
+
+    def rank_stored(self, capture: str, rank: int) -> bool:
+        """Whether ``rank``'s part of ``capture`` is durable already (its marker is written)."""
+        return (self.shard_dir(capture) / f".rank-{rank}.json").is_file()
+
+    @contextmanager
+    def writing_rank(self, capture: str, step: int, names: Sequence[str]) -> Iterator[PendingCheckpoint]:
+        """The shared directory of ``capture``, with ``names`` (one rank's files, left by an
+        attempt that died before its marker) removed; the caller fills it and calls
+        ``mark_rank``. Nothing is removed on error: other ranks' files live there too."""
+        if step < 0:
+            raise StoreError(self.root, f"refusing a checkpoint of negative step {step}")
+        self.ensure()
+        directory = self.shard_dir(capture)
+        with _doing("create the shard directory", directory):
+            directory.mkdir(exist_ok=True)
+            if directory.is_symlink() or not directory.is_dir():
+                raise StoreError(directory, "is not a plain directory; refusing to write into it")
+            for name in names:
+                (directory / _plain(name)).unlink(missing_ok=True)
+        yield PendingCheckpoint(directory, step)
+
+    def mark_rank(
+        self,
+        pending: PendingCheckpoint,
+        capture: str,
+        rank: int,
+        world_size: int,
+        manifest: Mapping[str, Any],
+    ) -> None:
+        """Record ``rank``'s files (written and fsynced) durably: the rank's part is stored."""
+        marker = {
+            "capture": capture,
+            "rank": rank,
+            "world_size": world_size,
+            "step": pending.step,
+            "files": {n: d.manifest_entry() for n, d in pending.files.items()},
+            "manifest": {**manifest, "metrics": metrics_to_json(manifest.get("metrics", {}))},
+        }
+        with _doing("write the rank marker", pending.directory):
+            atomic_write_json(pending.directory / f".rank-{rank}.json", marker, durable=True)
+
+    def shard_captures(self) -> list[tuple[str, float]]:
+        """Sharded captures being gathered: (capture id, seconds since anything was added)."""
+        found = []
+        now = time.time()
+        for entry in self._entries():
+            capture = entry.name[len(SHARD_PREFIX) :]
+            if not entry.name.startswith(SHARD_PREFIX) or not is_token(capture) or entry.is_symlink():
+                continue
+            try:
+                newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in entry.iterdir()])
+            except OSError:
+                continue  # committed or abandoned meanwhile
+            found.append((capture, max(0.0, now - newest)))
+        return found
+
+    def missing_ranks(self, capture: str) -> list[int] | None:
+        """Ranks whose part of ``capture`` is not stored yet (None: no rank's is, or the
+        markers disagree about the world size and the capture cannot complete)."""
+        try:
+            parts = _rank_parts(self.shard_dir(capture), capture)
+        except StoreError:
+            return None
+        if not parts:
+            return None
+        world_size = parts[0].data["world_size"]
+        return [r for r in range(world_size) if r not in {p.rank for p in parts}]
+
+    def commit_shards(self, capture: str) -> CheckpointRecord | None:
+        """Commit ``capture`` if every rank's part is stored (None: not yet). The manifest is
+        written first (a crash after it is finished by the next call), then the markers are
+        removed and the directory renamed into place."""
+        directory = self.shard_dir(capture)
+        if (directory / MANIFEST).is_file():
+            document = self._manifest_at(directory)
+        else:
+            whole = _sharded_manifest(_rank_parts(directory, capture), capture)
+            if whole is None:
+                return None
+            document = whole
+            with _doing("write the manifest", directory), (directory / MANIFEST).open("x") as handle:
+                json.dump(document, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for marker in directory.iterdir():
+            if _RANK_MARKER.match(marker.name):
+                marker.unlink()
+        fsync_dir(directory)
+        step = Fields(directory, document).count("step")
+        name = self._rename_into_place(PendingCheckpoint(directory, step))
+        fsync_dir(self.root)
+        return _record(name, document)
+
+    def abandon_shards(self, capture: str) -> None:
+        """Remove an incomplete sharded capture: out of sight first, as ``delete`` does."""
+        directory = self.shard_dir(capture)
+        if directory.is_symlink() or not directory.is_dir():
+            return
+        doomed = self.root / f"{TMP_PREFIX}abandoned-{capture}-{os.getpid()}"
+        os.rename(directory, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _manifest_at(self, directory: Path) -> dict[str, Any]:
+        document = read_small_json(directory / MANIFEST, _MARKER_MAX_BYTES)
+        if not isinstance(document, dict) or document.get("format") != MANIFEST_FORMAT:
+            raise StoreError(directory / MANIFEST, "not a ckptd manifest of a known format")
+        return document
+
     def list(self) -> list[CheckpointRecord]:
         """Committed checkpoints, oldest step first; unreadable manifests are logged and left out."""
         records = []
@@ -450,6 +581,73 @@ class Store:
                 return list(self.root.iterdir())
         except FileNotFoundError:
             return []
+
+
+@dataclass(frozen=True)
+class _RankPart:
+    rank: int
+    data: Mapping[str, Any]  # the marker, checked
+
+
+def _rank_parts(directory: Path, capture: str) -> list[_RankPart]:
+    """The markers of ``capture``'s stored ranks, each checked (they may come from another
+    node's daemon: untrusted input like any file ckptd reads)."""
+    parts = []
+    with _doing("list the shard directory", directory):
+        entries = sorted(directory.iterdir()) if directory.is_dir() and not directory.is_symlink() else []
+    for entry in entries:
+        found = _RANK_MARKER.match(entry.name)
+        if not found:
+            continue
+        try:
+            parts.append(_rank_part(entry, int(found[1]), capture))
+        except (OSError, ValueError) as exc:  # ProtocolError is a ValueError
+            raise StoreError(entry, f"unreadable rank marker: {exc}") from exc
+    return parts
+
+
+def _rank_part(path: Path, rank: int, capture: str) -> _RankPart:
+    fields = Fields(path, read_small_json(path, _MARKER_MAX_BYTES))
+    world_size = fields.count("world_size")
+    if fields.count("rank") != rank or not rank < world_size or fields.text("capture") != capture:
+        raise ValueError("marker does not match its name, rank or capture")
+    fields.count("step")
+    for name, entry in fields.mapping("files").items():
+        if not is_plain_name(name) or not isinstance(entry, dict):
+            raise ValueError(f"bad file entry {name!r}")
+    fields.mapping("manifest")
+    return _RankPart(rank, fields.data)
+
+
+def _sharded_manifest(parts: Sequence[_RankPart], capture: str) -> dict[str, Any] | None:
+    """The manifest of a sharded checkpoint, from rank 0's fields and every rank's files;
+    None until every rank is stored. Parts that disagree (world size, step, a file named
+    twice) are a ``StoreError``: they will never make one checkpoint."""
+    if not parts:
+        return None
+    world_size, step = parts[0].data["world_size"], parts[0].data["step"]
+    if any((p.data["world_size"], p.data["step"]) != (world_size, step) for p in parts):
+        raise StoreError(capture, "ranks disagree on the world size or the step")
+    if {p.rank for p in parts} != set(range(world_size)):
+        return None
+    files: dict[str, Any] = {}
+    for part in parts:
+        for name, entry in part.data["files"].items():
+            if name in files:
+                raise StoreError(capture, f"ranks {part.rank} and another both stored {name}")
+            files[name] = entry
+    nbytes = sum(e.get("bytes", 0) for e in files.values() if is_count(e.get("bytes")))
+    leader = next(p for p in parts if p.rank == 0)
+    return {
+        **leader.data["manifest"],
+        "format": MANIFEST_FORMAT,
+        "step": step,
+        "files": files,
+        "bytes": nbytes,
+        "ranks": world_size,
+        "capture": capture,
+        "created": time.time(),
+    }
 
 
 def _adoptable(owner: Fields, run_dir: Path, inode: int) -> bool:

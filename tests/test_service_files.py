@@ -99,9 +99,12 @@ def test_pod_daemon_is_a_native_sidecar_in_the_trainers_uid(pod: dict[str, Any])
 SBATCH = SERVICE / "slurm" / "train.sbatch"
 
 
-def node_script() -> str:
+SHARDED_SBATCH = SERVICE / "slurm" / "train-sharded.sbatch"
+
+
+def node_script(sbatch: Path = SBATCH) -> str:
     """The script ``srun ... bash -c '...'`` runs on every node."""
-    match = re.search(r"bash -c '\n(.*?)\n'\n", SBATCH.read_text(), re.S)
+    match = re.search(r"bash -c '\n(.*?)\n'\n", sbatch.read_text(), re.S)
     assert match, "the srun line's bash -c '...' script was not found"
     return match[1]
 
@@ -130,6 +133,30 @@ def test_sbatch_starts_the_sidecar_only_beside_global_rank_0() -> None:
     guard = script.index('if [ "$SLURM_NODEID" -ne 0 ]')
     assert guard < script.index("exec ckptd sidecar")
     assert '--node-rank "$SLURM_NODEID"' in script  # static rendezvous: node 0 holds rank 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_the_sharded_sbatch_runs_a_sidecar_on_every_node_whose_role_is_its_node_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ckptd.protocol import resolve_role
+
+    script = node_script(SHARDED_SBATCH)
+    for text in (SHARDED_SBATCH.read_text(), script):
+        done = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert "SLURM_NODEID\" -ne 0" not in script and script.lstrip().startswith("exec ckptd sidecar")
+    match = re.search(r"exec ckptd sidecar (.*?) -- ", script.replace("\\\n", " "), re.S)
+    assert match, "no `exec ckptd sidecar ... --` in the node script"
+    args = parse_cli(["sidecar", *shlex.split(match[1].replace('"$OUT"', "/x")), "--", "torchrun"])
+    assert args.role is None and args.shard_timeout == 600  # auto: from the node rank
+    lead = re.search(r"#SBATCH --signal=TERM@(\d+)", SHARDED_SBATCH.read_text())
+    assert lead and args.stop_timeout < int(lead[1])
+    for node, role in (("0", "leader"), ("1", "follower")):
+        monkeypatch.setenv("SLURM_NODEID", node)
+        monkeypatch.delenv("CKPTD_NODE_RANK", raising=False)
+        assert resolve_role(args.role) == role
+    assert '--node-rank "$SLURM_NODEID"' in script
 
 
 # -- the environment file ---------------------------------------------------------------------

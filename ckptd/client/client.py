@@ -101,6 +101,16 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+@dataclass(frozen=True)
+class Due:
+    """A capture due at a step: the control holding its verdict (its seq names the ack), the
+    verdict (None for a scheduled capture alone) and whether the schedule asked too."""
+
+    control: Control
+    verdict: Verdict | None
+    periodic: bool
+
+
 class CheckpointClient:
     """Lets a running daemon capture the trainer's state at the steps it asks for.
 
@@ -208,30 +218,36 @@ class CheckpointClient:
         safetensors file of its own name plus the framework's small files, so the checkpoint
         is what the framework's own ``save`` writes (``from_pretrained`` loads it).
         """
+        due = self.claim_due(step, state_fn)
+        return due is not None and self._capture(due.control, step, due.verdict, due.periodic, state_fn)
+
+    def claim_due(self, step: int, state_fn: StateFn | None = None) -> Due | None:
+        """What this step must capture, if anything, now counted as handled: the standing
+        verdict for a step reached, or the schedule's step. None also when no daemon is alive or
+        another client serves the run. With nothing due, the first call given ``state_fn``
+        prepares a slot in the background. ``maybe_snapshot`` captures what this returns; a
+        sharded capture (``ShardedClient``) broadcasts it to every rank first."""
         self._refresh_control()
         control = self._control
         if control is None:
-            return False
+            return None
         asked = self._due(control, step)
-        verdict = None if asked is None else asked.verdict
         periodic = self._periodic_due(control, step)
         if asked is None and not periodic:
-            if not self._prepared:
+            if state_fn is not None and not self._prepared:
                 self._prepare_quietly(state_fn)
-            return False
+            return None
         if not daemon_alive(self.paths, self.stale_after):
             self._warn_once("dead", "ckptd daemon heartbeat is stale; snapshots paused")
-            return False
-        try:
-            return self._serving(control) and self._capture(
-                asked or control, step, verdict, periodic, state_fn
-            )
-        finally:
-            # Done either way: a capture that failed is not retried at every later step.
-            if asked is not None:
-                self._handled = (asked.run_id, asked.seq)
-            if periodic:
-                self._last_periodic_step = step
+            return None
+        # Done either way: a capture that fails is not retried at every later step.
+        if asked is not None:
+            self._handled = (asked.run_id, asked.seq)
+        if periodic:
+            self._last_periodic_step = step
+        if not self._serving(control):
+            return None
+        return Due(asked or control, None if asked is None else asked.verdict, periodic)
 
     def prepare(self, state_fn: StateFn) -> bool:
         """Reserve and fault in a shared-memory slot for ``state_fn()`` in the background.

@@ -24,7 +24,7 @@ from ckptd.policy import PreservationPolicy, plan_deletions
 from ckptd.protocol import Ack, RunPaths
 from ckptd.records import CheckpointRecord
 from ckptd.shards import ShardPlan, plan_shards, read_header
-from ckptd.staging import read_slot_token, slot_dir
+from ckptd.staging import read_capture_token, read_slot_token, slot_dir
 from ckptd.store import PendingCheckpoint, Store
 
 log = logging.getLogger("ckptd.daemon")
@@ -43,7 +43,7 @@ class SlotLost(SnapshotError):
 
 @dataclass(frozen=True)
 class Outcome:
-    job: Job
+    job: Job | None  # None: a sharded checkpoint committed (or abandoned) by a shard check
     record: CheckpointRecord | None = None
     deleted: tuple[str, ...] = ()
     error: str | None = None
@@ -55,7 +55,12 @@ class _RotateNow:
     """Put on the job queue by ``set_policy``: rotate on the worker thread, between persists."""
 
 
+class _CheckShards:
+    """Put on the job queue by ``check_shards``: commit the sharded captures now whole."""
+
+
 _ROTATE = _RotateNow()
+_CHECK_SHARDS = _CheckShards()
 
 
 class Persister:
@@ -73,6 +78,7 @@ class Persister:
         lineage: frozenset[str],
         best_steps: Callable[[], frozenset[int]],
         paths: RunPaths,
+        shard_timeout: float = 600.0,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -83,7 +89,11 @@ class Persister:
         self.lineage = lineage  # run ids whose checkpoints retention may delete
         self._best_steps = best_steps  # steps the daemon's state names as a best
         self._done = done
-        self._jobs: queue.Queue[Job | _RotateNow | None] = queue.Queue()
+        # A sharded capture some rank's part of which is still missing this long after the
+        # last part arrived is removed: that node's daemon is gone, or its slot was lost.
+        self.shard_timeout = shard_timeout
+        self._checking = threading.Event()  # a shard check is queued and not done yet
+        self._jobs: queue.Queue[Job | _RotateNow | _CheckShards | None] = queue.Queue()
         # Named after the thread that makes it: in a node daemon that is the run dir, so a
         # persist's log lines name their run.
         name = f"{threading.current_thread().name} persister"
@@ -106,6 +116,13 @@ class Persister:
         self.policy = policy  # one reference swap; the worker reads it at its next rotation
         self._jobs.put(_ROTATE)
 
+    def check_shards(self) -> None:
+        """Have the worker commit sharded captures that became whole (another node's daemon
+        stored the last part) and abandon those that timed out; one check queued at a time."""
+        if not self._checking.is_set():
+            self._checking.set()
+            self._jobs.put(_CHECK_SHARDS)
+
     def rotate(self) -> tuple[str, ...]:
         """Delete what the policy does not keep, under the store lock shared with the CLI.
 
@@ -127,10 +144,13 @@ class Persister:
             if isinstance(job, _RotateNow):
                 self._rotate_now()
                 continue
+            if isinstance(job, _CheckShards):
+                self._check_shards()
+                continue
             started = time.monotonic()
             try:
                 record = self._persist(job)
-                deleted = self.rotate()
+                deleted = self.rotate() if record is not None else ()
             except SlotLost as exc:
                 outcome = Outcome(job, error=str(exc), slot_lost=True)
             except Exception as exc:  # a dead worker would silently stop all persists: report, go on
@@ -149,7 +169,34 @@ class Persister:
         else:
             log.info("policy changed: rotated out %d checkpoint(s)", len(deleted))
 
-    def _persist(self, job: Job) -> CheckpointRecord:
+    def _check_shards(self) -> None:
+        self._checking.clear()
+        for capture, quiet_s in self.store.shard_captures():
+            try:
+                record = self.store.commit_shards(capture)
+                if record is not None:
+                    self._done(Outcome(None, record, self.rotate()))
+                elif quiet_s > self.shard_timeout:
+                    self._abandon(capture, quiet_s)
+            except Exception as exc:  # one bad capture must not stop the others, or the worker
+                if quiet_s > self.shard_timeout:
+                    self._abandon(capture, quiet_s, f" ({exc})")
+                else:
+                    log.warning("sharded capture %s cannot be committed yet: %s", capture, exc)
+
+    def _abandon(self, capture: str, quiet_s: float, why: str = "") -> None:
+        missing = self.store.missing_ranks(capture)
+        self.store.abandon_shards(capture)
+        error = (
+            f"sharded capture {capture} was incomplete {quiet_s:.0f} s after its last part "
+            f"(ranks missing: {missing if missing is not None else 'unknown'}){why}; removed. "
+            "Is the daemon of every node running (ckptd status)?"
+        )
+        self._done(Outcome(None, error=error))
+
+    def _persist(self, job: Job) -> CheckpointRecord | None:
+        if job.ack.sharded:
+            return self._persist_part(job)
         ack = job.ack
         committed = self._already_committed(ack)
         if committed is None:
@@ -158,14 +205,31 @@ class Persister:
         job.ack_path.unlink(missing_ok=True)
         return committed
 
+    def _persist_part(self, job: Job) -> CheckpointRecord | None:
+        """One rank's part of a sharded capture into the store's shared directory; then, if
+        it was the last one missing, the commit. None: other ranks' parts are still missing."""
+        ack = job.ack
+        committed = self._capture_committed(ack.capture)
+        if committed is None:
+            store_part(self.store, job, slot_dir(self.staging, self.paths, ack.slot), self._manifest(job))
+            committed = self.store.commit_shards(ack.capture)
+        job.ack_path.unlink(missing_ok=True)
+        return committed
+
+    def _capture_committed(self, capture: str) -> CheckpointRecord | None:
+        for record in reversed(self.store.list()):
+            if self.store.manifest(record.name).get("capture") == capture:
+                return record
+        return None
+
     def _copy_and_commit(self, job: Job) -> CheckpointRecord:
         ack = job.ack
         slot = slot_dir(self.staging, self.paths, ack.slot)
-        self._check_slot(ack, slot)
+        check_slot(ack, slot)
         with self.store.writing(ack.captured_step) as pending:
             self._copy_files(ack, slot, pending)
             # Checked again after the copy: a writer that touched the slot meanwhile changed it.
-            self._check_slot(ack, slot)
+            check_slot(ack, slot)
             return self.store.commit(pending, self._manifest(job))
 
     @staticmethod
@@ -202,26 +266,6 @@ class Persister:
             "captured_at": ack.created,
         }
 
-    @staticmethod
-    def _check_slot(ack: Ack, slot: Path) -> None:
-        """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
-        not shorter than the ack says, not overwritten by another writer."""
-        for folder in (slot.parent, slot):
-            if folder.is_symlink() or not folder.is_dir():
-                raise SlotLost(f"{folder} is not a plain directory (a symlink?); refusing to read it")
-        for name, nbytes in ack.files.items():
-            try:
-                info = (slot / name).lstat()
-            except FileNotFoundError:
-                raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
-            if not stat.S_ISREG(info.st_mode):  # a link to /etc/passwd will not become a slot
-                raise SlotLost(f"{slot / name} is not a regular file (a symlink?); refusing to read it")
-            size = info.st_size
-            if size < nbytes:
-                raise SlotLost(f"{slot / name} holds {size} of the {nbytes} bytes the ack names")
-        if ack.token and read_slot_token(slot, ack.token_file) != ack.token:
-            raise SlotLost(f"slot {slot} holds another capture than ack {ack.name} (token mismatch)")
-
     def _already_committed(self, ack: Ack) -> CheckpointRecord | None:
         """A daemon killed between commit and ack removal must not store the snapshot twice."""
         for record in self.store.list():
@@ -234,6 +278,43 @@ class Persister:
             ):
                 return record
         return None
+
+
+def check_slot(ack: Ack, slot: Path) -> None:
+    """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
+    not shorter than the ack says, not overwritten by another writer."""
+    for folder in (slot.parent, slot):
+        if folder.is_symlink() or not folder.is_dir():
+            raise SlotLost(f"{folder} is not a plain directory (a symlink?); refusing to read it")
+    for name, nbytes in ack.files.items():
+        try:
+            info = (slot / name).lstat()
+        except FileNotFoundError:
+            raise SlotLost(f"slot {slot} has no {name} (shared memory cleared?)") from None
+        if not stat.S_ISREG(info.st_mode):  # a link to /etc/passwd will not become a slot
+            raise SlotLost(f"{slot / name} is not a regular file (a symlink?); refusing to read it")
+        size = info.st_size
+        if size < nbytes:
+            raise SlotLost(f"{slot / name} holds {size} of the {nbytes} bytes the ack names")
+    token = read_capture_token(slot) if ack.sharded else read_slot_token(slot, ack.token_file)
+    if ack.token and token != ack.token:
+        raise SlotLost(f"slot {slot} holds another capture than ack {ack.name} (token mismatch)")
+
+
+def store_part(store: Store, job: Job, slot: Path, manifest: Mapping[str, object]) -> None:
+    """One rank's files of a sharded capture into ``store``'s shared directory, then its marker.
+    Used by the leader's persister and by a follower node's daemon alike; a part already
+    marked (a daemon killed before it removed the ack) is not written twice."""
+    ack = job.ack
+    assert ack.rank is not None and ack.world_size is not None
+    if store.rank_stored(ack.capture, ack.rank):
+        return
+    check_slot(ack, slot)
+    with store.writing_rank(ack.capture, ack.captured_step, sorted(ack.files)) as pending:
+        biggest_first = sorted(ack.files.items(), key=lambda item: -item[1])
+        _write_concurrently([partial(pending.copy_in, name, slot / name, n) for name, n in biggest_first])
+        check_slot(ack, slot)  # again: a writer that touched the slot meanwhile changed it
+        store.mark_rank(pending, ack.capture, ack.rank, ack.world_size, manifest)
 
 
 # Files of one checkpoint written at once (shards of one slot file, the small files beside it):

@@ -45,10 +45,12 @@ from ckptd.protocol import (
     RunPaths,
     StandingVerdict,
     atomic_write_json,
+    local_node_id,
     pending_ack_paths,
     read_ack,
     read_client_report,
     read_control,
+    read_follower_reports,
     read_status,
     take_requests,
     verdict_to_json,
@@ -106,6 +108,7 @@ class RunDaemon:
         self._persister: Persister
         self._watchers: list[ChangeWatcher] = []
         self._process = psutil.Process()
+        self._node = local_node_id()  # the leader's node: ranks elsewhere ack to their own daemon
 
     # -- the public face -------------------------------------------------------------------
 
@@ -180,6 +183,7 @@ class RunDaemon:
             lineage=lineage,
             best_steps=lambda: self._best_steps,
             paths=self.paths,
+            shard_timeout=self.config.shard_timeout,
         )
         self._note_bests()
         self._publish_first()
@@ -298,6 +302,7 @@ class RunDaemon:
                 self.notifier.status(self._one_line())
                 self._write_status()
                 self._save_state()
+                self._check_shards()
                 next_beat = time.monotonic() + self.config.heartbeat_interval
 
     def _handle(self, wake: Wake) -> None:
@@ -317,9 +322,7 @@ class RunDaemon:
             return
         schedule_changed = config.every_steps != self.config.every_steps
         self.config = config
-        self._persister.set_policy(
-            best_plus_last(dict(config.best), config.keep_last, config.keep_every)
-        )
+        self._persister.set_policy(best_plus_last(dict(config.best), config.keep_last, config.keep_every))
         if schedule_changed:
             self._publish_settings()
         log.info(
@@ -442,6 +445,7 @@ class RunDaemon:
             verdict=verdict,
             written=written,
             standing=self._state.last_snapshot,
+            node=self._node,
         )
         write_control(self.paths, control)
         if verdict is not None:
@@ -538,25 +542,57 @@ class RunDaemon:
         self._slot_tries.pop(path.name, None)
         self._error(f"rejected ack {path.name}: {problem} (kept as {aside.name})")
 
+    def _check_shards(self) -> None:
+        """Sharded captures wait in the store for the parts other nodes' daemons store: the
+        persister looks at them once a beat while any is there (a listing of the store)."""
+        try:
+            waiting = bool(self.store.shard_captures())
+        except OSError as exc:
+            self._error(f"cannot list the store for sharded captures: {exc}")
+            return
+        if waiting:
+            self._persister.check_shards()
+
     def _on_persisted(self, outcome: Outcome) -> None:
-        name = outcome.job.ack_path.name
+        job = outcome.job
+        if job is None:
+            self._on_shards_checked(outcome)
+            return
+        name = job.ack_path.name
         self._queued.discard(name)
         if outcome.slot_lost:
-            self._on_slot_lost(outcome)
+            self._on_slot_lost(job, outcome)
             return
         if outcome.error is not None:
             self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
             self._error(
-                f"persisting step {outcome.job.ack.captured_step} into {self.config.store} "
+                f"persisting step {job.ack.captured_step} into {self.config.store} "
                 f"failed: {outcome.error}; "
                 f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s"
             )
             return
         self._retry_at.pop(name, None)
-        self._kept = None  # recount the store at the next heartbeat
         if self._last_error and self._last_error.startswith("persisting"):
             self._last_error = None  # the persist that failed has gone through now
+        if outcome.record is None:
+            ack = job.ack
+            log.info(
+                "stored rank %s's part of step %d; waiting for the other ranks' parts",
+                ack.rank,
+                ack.captured_step,
+            )
+            return
+        self._on_committed(outcome)
+
+    def _on_shards_checked(self, outcome: Outcome) -> None:
+        if outcome.error is not None:
+            self._error(outcome.error)
+        elif outcome.record is not None:
+            self._on_committed(outcome)
+
+    def _on_committed(self, outcome: Outcome) -> None:
         assert outcome.record is not None
+        self._kept = None  # recount the store at the next heartbeat
         self._persisted += 1
         self._last_persist_s = outcome.seconds
         log.info(
@@ -567,13 +603,13 @@ class RunDaemon:
             outcome.seconds,
         )
 
-    def _on_slot_lost(self, outcome: Outcome) -> None:
+    def _on_slot_lost(self, job: Job, outcome: Outcome) -> None:
         """A slot that is gone or holds another capture will not heal: a few tries (the trainer
         may still be writing it), then the ack is set aside and frees nothing it still holds."""
-        name = outcome.job.ack_path.name
+        name = job.ack_path.name
         tries = self._slot_tries[name] = self._slot_tries.get(name, 0) + 1
         if tries >= _SLOT_TRIES:
-            self._reject(outcome.job.ack_path, f"{outcome.error} ({tries} tries)")
+            self._reject(job.ack_path, f"{outcome.error} ({tries} tries)")
         else:
             self._retry_at[name] = time.monotonic() + _SLOT_RETRY_S
 
@@ -649,6 +685,8 @@ class RunDaemon:
                 "malformed_lines": dict(self._source.malformed.counts),
                 "log_notes": self._source.notes(),
                 "trainer": read_client_report(self.paths),
+                "node": self._node,
+                "followers": read_follower_reports(self.paths),
                 "last_error": self._last_error,
             },
         )
