@@ -199,6 +199,21 @@ def _add_run_options(run: argparse.ArgumentParser, default_log: str) -> list[arg
         metavar="S",
         help=f"seconds, > 0 and <= {MAX_POLL_INTERVAL_S:g} (0.5)",
     )
+    remote = run.add_argument_group("remote tier (docs/remote.md)")
+    remote.add_argument(
+        "--remote",
+        metavar="URL",
+        help="also keep checkpoints in object storage, e.g. s3://bucket/runs/exp1 (pip install "
+        "'ckptd[s3]'); credentials and endpoint come from the backend's environment and profiles",
+    )
+    remote.add_argument("--remote-keep-last", type=int, metavar="N", help="latest kept remotely (2)")
+    remote.add_argument(
+        "--remote-keep-best", type=int, metavar="K", help="best kept remotely per criterion (as locally)"
+    )
+    remote.add_argument(
+        "--remote-keep-every", type=int, metavar="M", help="also keep every multiple of M remotely"
+    )
+    run.set_defaults(remote_options=None)  # a table: only in TOML files and $CKPTD_REMOTE_OPTIONS
     nodes = run.add_argument_group("multi-node jobs (docs/distributed.md)")
     nodes.add_argument(
         "--role",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ckptd.errors import ConfigError
 from ckptd.logs.detect import FORMATS
@@ -37,6 +38,13 @@ class RunConfig:
     # A sharded capture still missing a rank's part this long after its last part arrived is
     # removed (another node's daemon is gone).
     shard_timeout: float = 600.0
+    # The remote tier (docs/remote.md): an fsspec URL, the backend's options (never secrets on a
+    # command line: the backend's own environment and profiles carry those), its own policy.
+    remote: str | None = None
+    remote_options: Mapping[str, Any] = field(default_factory=dict)
+    remote_keep_last: int = 2
+    remote_keep_best: int | None = None  # None: as many as kept locally
+    remote_keep_every: int | None = None
 
     @property
     def paths(self) -> RunPaths:
@@ -65,6 +73,11 @@ class RunConfig:
         poll: bool = False,
         poll_interval: float = 0.5,
         shard_timeout: float = 600.0,
+        remote: str | None = None,
+        remote_options: Mapping[str, Any] | None = None,
+        remote_keep_last: int = 2,
+        remote_keep_best: int | None = None,
+        remote_keep_every: int | None = None,
     ) -> RunConfig:
         """Resolve relative paths against the run directory and reject what cannot work.
 
@@ -80,6 +93,7 @@ class RunConfig:
         _check_poll_interval(poll_interval)
         if not (isinstance(shard_timeout, (int, float)) and 0 < shard_timeout <= 1e7):
             raise ConfigError(f"--shard-timeout must be seconds > 0 and <= 1e7, not {shard_timeout!r}")
+        _check_remote(remote, remote_keep_last, remote_keep_best, remote_keep_every)
         _check_read(log_format, step_key)
         criteria = tuple(parse_best(spec, keep_best, min_delta) for spec in best)
         if not criteria:
@@ -109,7 +123,16 @@ class RunConfig:
             poll=poll,
             poll_interval=poll_interval,
             shard_timeout=float(shard_timeout),
+            remote=remote,
+            remote_options=dict(remote_options or {}),
+            remote_keep_last=remote_keep_last,
+            remote_keep_best=remote_keep_best,
+            remote_keep_every=remote_keep_every,
         )
+
+    def remote_best(self) -> dict[Criterion, int]:
+        """How many of each criterion's best the remote keeps."""
+        return {c: (k if self.remote_keep_best is None else self.remote_keep_best) for c, k in self.best}
 
 
 # What a reload may change while the run goes on; anything else needs a new daemon.
@@ -195,6 +218,21 @@ def _check_keep_best(keep_best: int) -> None:
 def _check_min_delta(min_delta: float) -> None:
     if not _is_number(min_delta) or not math.isfinite(min_delta) or min_delta < 0:
         raise ConfigError(f"--min-delta must be a finite number >= 0, not {min_delta!r}")
+
+
+def _check_remote(url: str | None, keep_last: int, keep_best: int | None, keep_every: int | None) -> None:
+    if url is not None and (not url.strip() or "\n" in url):
+        raise ConfigError(f"--remote needs a URL such as s3://bucket/runs/exp1, not {url!r}")
+    _require_count("--remote-keep-last", keep_last, 0)
+    if keep_best is not None:
+        _require_count("--remote-keep-best", keep_best, 1)  # the best is never deleted remotely either
+    if keep_every is not None:
+        _require_count("--remote-keep-every", keep_every, 1)
+
+
+def _require_count(option: str, value: object, least: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ConfigError(f"{option} must be an integer >= {least}, not {value!r}")
 
 
 def _check_poll_interval(seconds: float) -> None:

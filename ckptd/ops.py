@@ -15,7 +15,7 @@ from typing import Any
 
 from ckptd.errors import ConfigError
 from ckptd.policy import best_plus_last, plan_deletions
-from ckptd.protocol import RunPaths, read_small_json, read_status
+from ckptd.protocol import RunPaths, read_pending_uploads, read_small_json, read_status
 from ckptd.records import CheckpointRecord, Criterion
 from ckptd.store import Store
 
@@ -74,9 +74,10 @@ def prune(store: Store, run_dir: Path, policy: Policy, *, dry_run: bool) -> list
         )
     lineage = store.lineage()
     protected_steps = _state_best_steps(run_dir)
+    held = set(read_pending_uploads(RunPaths(run_dir)))  # not uploaded yet: kept, as the daemon does
     with store.lock(timeout=60):
         records = [r for r in store.list() if r.run_id in lineage]
-        protected = [r.name for r in records if r.step in protected_steps]
+        protected = [r.name for r in records if r.step in protected_steps or r.name in held]
         retention = best_plus_last(dict(policy.best), policy.keep_last, policy.keep_every)
         doomed = plan_deletions(records, retention, protected)
         if not dry_run:

@@ -82,6 +82,11 @@ class RunPaths:
         return self.meta / "client.json"
 
     @property
+    def uploads(self) -> Path:
+        """The remote tier's pending uploads, recorded durably: held locally until uploaded."""
+        return self.meta / "uploads.json"
+
+    @property
     def requests(self) -> Path:
         """``ckptd request`` drops a file here; the daemon turns it into a snapshot verdict."""
         return self.meta / "requests"
@@ -544,6 +549,22 @@ def read_status(paths: RunPaths) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError):
         return {}
     return document if isinstance(document, dict) else {}
+
+
+_UPLOADS_MAX_BYTES = 1 << 20
+
+
+def read_pending_uploads(paths: RunPaths) -> list[str]:
+    """Checkpoint names ``uploads.json`` records as not uploaded yet (none when missing).
+    Raises ``ProtocolError`` for a file that is not what the daemon writes."""
+    try:
+        data = read_small_json(paths.uploads, _UPLOADS_MAX_BYTES)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise ProtocolError(paths.uploads, f"unreadable: {exc}") from exc
+    names = Fields(paths.uploads, data).texts("pending")
+    return [n for n in dict.fromkeys(names) if n.startswith("step-") and "/" not in n]
 
 
 _MAX_NODES = 4096  # a listing of .ckptd/nodes/ stops here: a flood of folders is not a cluster

@@ -69,6 +69,10 @@ def _is_strings(value: object) -> bool:
     return isinstance(value, list) and all(_is_str(item) for item in value)
 
 
+def _is_table(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
 def _is_bool(value: object) -> bool:
     return isinstance(value, bool)
 
@@ -107,6 +111,11 @@ RUN_KEYS: dict[str, Key] = {
     "poll": Key(_is_bool, "true or false"),
     "poll_interval": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
     "shard_timeout": Key(_is_seconds, "a number of seconds > 0 and <= 1e7"),
+    "remote": Key(_is_str, 'an fsspec URL, e.g. "s3://bucket/runs/exp1"'),
+    "remote_options": Key(_is_table, "a table of the backend's options, e.g. {client_kwargs = {...}}"),
+    "remote_keep_last": Key(_is_count, "an integer >= 0"),
+    "remote_keep_best": Key(_is_positive, "an integer >= 1 (the best is never deleted)"),
+    "remote_keep_every": Key(_is_positive, "an integer >= 1"),
 }
 # Only in the file `ckptd run --config` names (a systemd instance's file): which run it is.
 RUN_DIR_KEY = "dir"
@@ -286,4 +295,5 @@ def run_config(run_dir: str | Path, options: Mapping[str, Any]) -> RunConfig:
 _BUILD_KEYS = (
     "keep_best", "min_delta", "log", "store", "keep_last", "keep_every", "every_steps",
     "format", "step_key", "regex", "poll", "poll_interval", "shard_timeout",
+    "remote", "remote_options", "remote_keep_last", "remote_keep_best", "remote_keep_every",
 )

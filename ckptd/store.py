@@ -302,7 +302,7 @@ class Store:
         fsync_dir(pending.directory)
         name = self._rename_into_place(pending)
         fsync_dir(self.root)
-        return _record(name, document)
+        return record_from_manifest(name, document)
 
     def _rename_into_place(self, pending: PendingCheckpoint) -> str:
         # A resumed trainer can capture the same step twice; the second gets a suffix, never a merge.
@@ -415,7 +415,7 @@ class Store:
         step = Fields(directory, document).count("step")
         name = self._rename_into_place(PendingCheckpoint(directory, step))
         fsync_dir(self.root)
-        return _record(name, document)
+        return record_from_manifest(name, document)
 
     def abandon_shards(self, capture: str) -> None:
         """Remove an incomplete sharded capture: out of sight first, as ``delete`` does."""
@@ -455,7 +455,7 @@ class Store:
         return sorted((e.name for e in named), key=_name_order)
 
     def read(self, name: str) -> CheckpointRecord:
-        return _record(name, self.manifest(name))
+        return record_from_manifest(name, self.manifest(name))
 
     def manifest(self, name: str) -> dict[str, Any]:
         path = self.root / _plain(name) / MANIFEST
@@ -704,7 +704,8 @@ def _digest_file(path: Path, algorithm: str, progress: Progress | None = None) -
     return FileDigest(size, algorithm, digest.hexdigest())
 
 
-def _record(name: str, document: Mapping[str, Any]) -> CheckpointRecord:
+def record_from_manifest(name: str, document: Mapping[str, Any]) -> CheckpointRecord:
+    """The record of checkpoint ``name`` from its manifest (a local or a remote one)."""
     fields = Fields(f"{name}/{MANIFEST}", document)
     try:
         return CheckpointRecord(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ckptd.daemon.uploader import Uploader
 from ckptd.errors import ProtocolError, SnapshotError
 from ckptd.policy import PreservationPolicy, plan_deletions
 from ckptd.protocol import Ack, RunPaths
@@ -79,6 +80,7 @@ class Persister:
         best_steps: Callable[[], frozenset[int]],
         paths: RunPaths,
         shard_timeout: float = 600.0,
+        uploader: Uploader | None = None,
     ) -> None:
         self.store = store
         self.staging = staging
@@ -92,6 +94,9 @@ class Persister:
         # A sharded capture some rank's part of which is still missing this long after the
         # last part arrived is removed: that node's daemon is gone, or its slot was lost.
         self.shard_timeout = shard_timeout
+        # The remote tier: told of each commit before retention runs, and what it still has to
+        # upload is kept locally.
+        self.uploader = uploader
         self._checking = threading.Event()  # a shard check is queued and not done yet
         self._jobs: queue.Queue[Job | _RotateNow | _CheckShards | None] = queue.Queue()
         # Named after the thread that makes it: in a node daemon that is the run dir, so a
@@ -116,6 +121,10 @@ class Persister:
         self.policy = policy  # one reference swap; the worker reads it at its next rotation
         self._jobs.put(_ROTATE)
 
+    def rotate_soon(self) -> None:
+        """Rotate on the worker thread (the uploader released a checkpoint it held)."""
+        self._jobs.put(_ROTATE)
+
     def check_shards(self) -> None:
         """Have the worker commit sharded captures that became whole (another node's daemon
         stored the last part) and abandon those that timed out; one check queued at a time."""
@@ -132,7 +141,8 @@ class Persister:
         with self.store.lock(timeout=60):
             records = [r for r in self.store.list() if r.run_id in self.lineage]
             best_steps = self._best_steps()
-            protected = [r.name for r in records if r.step in best_steps]
+            held = self.uploader.held() if self.uploader is not None else frozenset()
+            protected = [r.name for r in records if r.step in best_steps or r.name in held]
             doomed = plan_deletions(records, self.policy, protected)
             for record in doomed:
                 self.store.delete(record.name)
@@ -150,6 +160,8 @@ class Persister:
             started = time.monotonic()
             try:
                 record = self._persist(job)
+                if record is not None:
+                    self._offer(record)
                 deleted = self.rotate() if record is not None else ()
             except SlotLost as exc:
                 outcome = Outcome(job, error=str(exc), slot_lost=True)
@@ -161,13 +173,17 @@ class Persister:
                 outcome = Outcome(job, record, deleted, seconds=time.monotonic() - started)
             self._done(outcome)
 
+    def _offer(self, record: CheckpointRecord) -> None:
+        if self.uploader is not None:
+            self.uploader.offer(record)
+
     def _rotate_now(self) -> None:
+        """A rotation asked for between persists (a new policy, a checkpoint the uploader no
+        longer holds); ``rotate`` logs what it deletes."""
         try:
-            deleted = self.rotate()
+            self.rotate()
         except Exception as exc:  # the next persist rotates again; the worker must go on
-            log.error("rotation after a policy change failed: %s: %s", type(exc).__name__, exc)
-        else:
-            log.info("policy changed: rotated out %d checkpoint(s)", len(deleted))
+            log.error("rotation failed: %s: %s", type(exc).__name__, exc)
 
     def _check_shards(self) -> None:
         self._checking.clear()
@@ -175,6 +191,7 @@ class Persister:
             try:
                 record = self.store.commit_shards(capture)
                 if record is not None:
+                    self._offer(record)
                     self._done(Outcome(None, record, self.rotate()))
                 elif quiet_s > self.shard_timeout:
                     self._abandon(capture, quiet_s)

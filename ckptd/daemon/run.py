@@ -34,6 +34,7 @@ from ckptd.daemon.state import (
     new_run_id,
     save_state,
 )
+from ckptd.daemon.uploader import Uploader
 from ckptd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
 from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.notify import Notifier
@@ -57,6 +58,7 @@ from ckptd.protocol import (
     write_control,
 )
 from ckptd.records import Best, LogEvent, Verdict
+from ckptd.remote import RemoteError, RemoteStore
 from ckptd.staging import allocated_bytes, busy_slots, disk_staging_dir, not_private, staging_dir_for
 from ckptd.store import Store
 
@@ -106,6 +108,7 @@ class RunDaemon:
         self._durable_state: DaemonState | None = None  # the state last written with fsync
         self._source: EventSource
         self._persister: Persister
+        self._uploader: Uploader | None = None
         self._watchers: list[ChangeWatcher] = []
         self._process = psutil.Process()
         self._node = local_node_id()  # the leader's node: ranks elsewhere ack to their own daemon
@@ -173,6 +176,7 @@ class RunDaemon:
         # What killed runs of this user left in shared memory (and idle disk slots of ours).
         for orphan in sweep.sweep_at_start(self.config.run_dir, self.staging):
             log.info("swept %s (%d MiB): %s", orphan.path, orphan.nbytes >> 20, orphan.why)
+        self._uploader = self._make_uploader(lineage)
         self._persister = Persister(
             self.store,
             self.staging,
@@ -184,6 +188,7 @@ class RunDaemon:
             best_steps=lambda: self._best_steps,
             paths=self.paths,
             shard_timeout=self.config.shard_timeout,
+            uploader=self._uploader,
         )
         self._note_bests()
         self._publish_first()
@@ -198,6 +203,8 @@ class RunDaemon:
         self._save_state()
         self._write_status()
         self._persister.start()
+        if self._uploader is not None:
+            self._uploader.start()
         self._submit_acks()
         self._start_watchers()
         self.notifier.ready(self._one_line())
@@ -207,6 +214,26 @@ class RunDaemon:
             self._watchers[0].mode,
             self.config.store,
             self._state.run_id,
+        )
+
+    def _make_uploader(self, lineage: frozenset[str]) -> Uploader | None:
+        """The remote tier's uploader, if a remote is configured; opening it imports the backend."""
+        config = self.config
+        if config.remote is None:
+            return None
+        try:
+            remote = RemoteStore(config.remote, config.remote_options)
+        except RemoteError as exc:
+            raise ConfigError(str(exc)) from exc
+        policy = best_plus_last(config.remote_best(), config.remote_keep_last, config.remote_keep_every)
+        return Uploader(
+            remote,
+            self.store,
+            self.paths,
+            policy,
+            lineage=lineage,
+            best_steps=lambda: self._best_steps,
+            released=lambda: self._persister.rotate_soon(),
         )
 
     def _load_or_create_state(self) -> DaemonState:
@@ -341,6 +368,8 @@ class RunDaemon:
             watcher.stop()
         self._submit_acks(retry_failed=True)
         self._persister.stop()
+        if self._uploader is not None:
+            self._uploader.stop()  # after the file being sent; the rest resumes at the next start
         while not self._wakeups.empty():
             self._handle(self._wakeups.get_nowait())
         self._save_state()
@@ -565,10 +594,16 @@ class RunDaemon:
             return
         if outcome.error is not None:
             self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
+            held = self._uploader.held() if self._uploader is not None else frozenset()
+            waiting = (
+                f"; {len(held)} checkpoint(s) kept locally until uploaded to {self.config.remote}"
+                if held
+                else ""
+            )
             self._error(
                 f"persisting step {job.ack.captured_step} into {self.config.store} "
                 f"failed: {outcome.error}; "
-                f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s"
+                f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s{waiting}"
             )
             return
         self._retry_at.pop(name, None)
@@ -685,6 +720,7 @@ class RunDaemon:
                 "malformed_lines": dict(self._source.malformed.counts),
                 "log_notes": self._source.notes(),
                 "trainer": read_client_report(self.paths),
+                "remote": self._uploader.report() if self._uploader is not None else None,
                 "node": self._node,
                 "followers": read_follower_reports(self.paths),
                 "last_error": self._last_error,

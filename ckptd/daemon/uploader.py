@@ -1,0 +1,207 @@
+"""The uploader: a thread that mirrors committed checkpoints to the remote tier and rotates it.
+
+It never touches judging, staging or local persists: the persister only hands it each new
+checkpoint (``offer``, on the persister's thread, before local retention runs), and local
+retention keeps whatever it ``holds``: a checkpoint is held from its commit until the uploader
+has decided that the remote policy does not want it, or has uploaded it. Pending uploads are
+recorded in ``.ckptd/uploads.json`` (durably), so a restarted daemon resumes them. A failed
+upload is retried with backoff (1 s doubling to 60 s); remote retention runs after each upload,
+under the remote policy, never deleting another run's checkpoint or one at a best step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ckptd.errors import ProtocolError, StoreError
+from ckptd.policy import PreservationPolicy, plan_deletions
+from ckptd.protocol import RunPaths, atomic_write_json, read_pending_uploads
+from ckptd.records import CheckpointRecord
+from ckptd.remote import RemoteError, RemoteStore
+from ckptd.store import Store
+
+log = logging.getLogger("ckptd.daemon")
+
+_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+
+
+class Uploader:
+    """Uploads what ``offer`` hands it, one checkpoint at a time, on its own thread."""
+
+    def __init__(
+        self,
+        remote: RemoteStore,
+        store: Store,
+        paths: RunPaths,
+        policy: PreservationPolicy,
+        *,
+        lineage: frozenset[str],
+        best_steps: Callable[[], frozenset[int]],
+        released: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.remote = remote
+        self.store = store
+        self.paths = paths
+        self.policy = policy
+        self.lineage = lineage
+        self._best_steps = best_steps
+        self._released = released  # a held checkpoint is free for local retention again
+        self._lock = threading.Condition()
+        self._pending: list[str] = _load_pending(paths)  # held locally, oldest first
+        self._stopping = threading.Event()
+        self._uploading: str | None = None
+        self._uploaded = 0
+        self._remote_deleted = 0
+        self._last_error: str | None = None
+        self._last_upload: dict[str, Any] | None = None
+        self._remote_records: list[CheckpointRecord] | None = None  # None: list again
+        name = f"{threading.current_thread().name} uploader"
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    def start(self) -> None:
+        if self._pending:
+            log.info("resuming %d pending upload(s) to %s", len(self._pending), self.remote.url)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the file being sent; what is still pending is resumed at the next start."""
+        self._stopping.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    def offer(self, record: CheckpointRecord) -> None:
+        """A checkpoint just committed: held locally from now on until the uploader decides."""
+        with self._lock:
+            if record.name not in self._pending:
+                self._pending.append(record.name)
+                self._save()
+            self._lock.notify_all()
+
+    def held(self) -> frozenset[str]:
+        """Local checkpoints that local retention must keep: not uploaded yet."""
+        with self._lock:
+            return frozenset(self._pending)
+
+    def report(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "url": self.remote.url,
+                "pending": list(self._pending),
+                "uploading": self._uploading,
+                "uploaded": self._uploaded,
+                "deleted": self._remote_deleted,
+                "last_upload": self._last_upload,
+                "last_error": self._last_error,
+            }
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            name = self._next()
+            if name is None:
+                continue
+            try:
+                self._handle(name)
+            except (RemoteError, StoreError, OSError, ValueError) as exc:
+                pause = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
+                failures += 1
+                self._failed(f"uploading {name} to {self.remote.url} failed: {exc}; retried in {pause:.0f} s")
+                self._stopping.wait(pause)
+            except Exception as exc:  # a dead thread would silently stop every upload
+                log.exception("unexpected error uploading %s", name)
+                self._failed(f"unexpected {type(exc).__name__} uploading {name}: {exc}")
+                self._stopping.wait(_BACKOFF_S[-1])
+            else:
+                failures = 0
+
+    def _next(self) -> str | None:
+        with self._lock:
+            if not self._pending:
+                self._lock.wait(1.0)
+                return None
+            return self._pending[0]
+
+    def _handle(self, name: str) -> None:
+        try:
+            record = self.store.read(name)
+        except FileNotFoundError:
+            self._drop(name, f"{name} is gone from the local store before its upload; not uploaded")
+            return
+        if not self._wanted(record):
+            self._drop(name, None)
+            log.info("%s is not kept by the remote policy: not uploaded", name)
+            return
+        with self._lock:
+            self._uploading = name
+        started = time.monotonic()
+        try:
+            transfer = self.remote.upload(self.store, name)
+        finally:
+            with self._lock:
+                self._uploading = None
+        seconds = time.monotonic() - started
+        self._remote_records = None
+        with self._lock:
+            self._uploaded += 1
+            self._last_error = None
+            self._last_upload = {"name": name, "bytes": transfer.nbytes, "seconds": round(seconds, 3)}
+        self._drop(name, None)
+        log.info(
+            "uploaded %s to %s (%.1f MiB in %.2f s)", name, self.remote.url, transfer.nbytes / 2**20, seconds
+        )
+        self._rotate_remote()
+
+    def _wanted(self, record: CheckpointRecord) -> bool:
+        """Whether the remote policy keeps ``record`` among what the remote holds and the other
+        pending uploads (a checkpoint at a best step always is)."""
+        if record.step in self._best_steps():
+            return True
+        others = [r for r in self._remote() if r.name != record.name]
+        return record.name in self.policy.preserve([*others, record])
+
+    def _rotate_remote(self) -> None:
+        records = [r for r in self._remote() if r.run_id in self.lineage]
+        best_steps = self._best_steps()
+        protected = [r.name for r in records if r.step in best_steps]
+        for doomed in plan_deletions(records, self.policy, protected):
+            self.remote.delete(doomed.name)
+            self._remote_deleted += 1
+            log.info("rotated out %s from %s", doomed.name, self.remote.url)
+        self._remote_records = None
+
+    def _remote(self) -> list[CheckpointRecord]:
+        if self._remote_records is None:
+            self._remote_records = self.remote.list()
+        return self._remote_records
+
+    def _drop(self, name: str, error: str | None) -> None:
+        with self._lock:
+            if name in self._pending:
+                self._pending.remove(name)
+                self._save()
+        if error is not None:
+            self._failed(error)
+        self._released()
+
+    def _failed(self, message: str) -> None:
+        with self._lock:
+            self._last_error = message
+        log.error("%s", message)
+
+    def _save(self) -> None:
+        atomic_write_json(self.paths.uploads, {"pending": self._pending}, durable=True)
+
+
+def _load_pending(paths: RunPaths) -> list[str]:
+    try:
+        return read_pending_uploads(paths)
+    except ProtocolError as exc:
+        log.error("ignoring the pending uploads: %s", exc)
+        return []

