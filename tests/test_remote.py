@@ -24,10 +24,10 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from ckptd.protocol import RunPaths, read_status  # noqa: E402
-from ckptd.remote import RemoteStore  # noqa: E402
-from ckptd.store import MANIFEST, Store  # noqa: E402
-from tests.conftest import PROGRAMS, wait_for  # noqa: E402
+from ckptd.protocol import RunPaths, read_status
+from ckptd.remote import RemoteStore
+from ckptd.store import MANIFEST, Store
+from tests.conftest import PROGRAMS, wait_for
 
 
 class S3Server:
@@ -144,7 +144,6 @@ def test_a_reader_listing_during_uploads_never_sees_a_checkpoint_without_all_its
     done.set()
     thread.join()
     assert not problems
-    assert len(seen) > 3 and seen[-1] != names or True  # listings happened during the uploads
     assert any(0 < len(s) < len(names) for s in seen), "no listing fell between two uploads"
     assert [r.name for r in writer.list()] == names
 
@@ -178,8 +177,8 @@ def test_the_daemon_mirrors_commits_with_its_own_remote_retention(
         for i, acc in enumerate([0.5, 0.9, 0.6, 0.7, 0.8, 0.85])
     ]
     scripted(run, evals)
-    wait_for(lambda: not remote_report(run).get("pending") and remote_report(run).get("uploaded") == 6, timeout=60,
-             what=daemon.log())  # fmt: skip
+    wait_for(lambda: remote_report(run).get("uploaded") == 6 and not remote_report(run).get("pending"),
+             timeout=60, what=daemon.log())  # fmt: skip
     remote = RemoteStore(url)
     kept = [r.step for r in remote.list()]
     assert kept == [200, 400, 500, 600], daemon.log()  # the bests and the last 3
