@@ -32,17 +32,21 @@ from ckptd.protocol import (
     NODE_RANK_VARIABLES,
     ROLES,
     STALE_AFTER_S,
+    STATUS_MAX_BYTES,
     RunPaths,
     check_node_id,
     format_bytes,
     heartbeat_age,
+    json_safe,
     local_node_id,
     metrics_to_json,
+    read_small_json,
     read_status,
     resolve_role,
 )
 from ckptd.records import CheckpointRecord, Criterion, Mode
 from ckptd.store import MANIFEST, Store
+from ckptd.text import printable
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE, EXIT_CORRUPT = 0, 1, 2, 3, 4, 5
 _MODES = ("min", "max")
@@ -72,9 +76,15 @@ The trainer side is two calls in the training loop; see README.md."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _ensure_std_streams()
     args = _parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except BrokenPipeError:
+        # The reader went away (`ckptd ls | head -1`): nothing is wrong with the store. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except DaemonAlreadyRunning as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_RUNNING
@@ -87,6 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CkptdError as exc:
         print(f"ckptd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _ensure_std_streams() -> None:
+    """Run with stdout or stderr closed (``ckptd plot RUN >&-``), print into /dev/null rather
+    than fail on ``None.write``."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # for the life of the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -672,14 +691,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     paths = RunPaths(_run_dir(args))
     age = heartbeat_age(paths)
     try:
-        status = json.loads(paths.status.read_bytes()) if age is not None else {}
-    except (OSError, ValueError, RecursionError):
-        status = {}
+        # Bounded, regular files only: a FIFO or a link to /dev/zero planted there must not hang.
+        status = read_small_json(paths.status, STATUS_MAX_BYTES) if age is not None else {}
+    except (OSError, ValueError, RecursionError) as exc:
+        status = {"state": f"unreadable status.json ({exc})"}
     if not isinstance(status, dict):
         status = {"state": f"unreadable status.json ({type(status).__name__})"}
-    alive = age is not None and age <= STALE_AFTER_S
+    # A fresh mtime on a file that says nothing (damaged, replaced) is no daemon's heartbeat.
+    alive = age is not None and age <= STALE_AFTER_S and "pid" in status and status.get("state") != "stopped"
     if args.json:
-        print(json.dumps({**status, "alive": alive, "heartbeat_age_s": age}, indent=1))
+        print(json.dumps(json_safe({**status, "alive": alive, "heartbeat_age_s": age}), indent=1))
     elif age is None:
         print(f"no ckptd daemon has followed {paths.run_dir}")
     else:
@@ -696,7 +717,7 @@ def _daemon_state(status: dict[str, Any], alive: bool, age: float) -> str:
             "not running (the daemon stopped without saying so: killed or crashed; "
             f"last heartbeat {age:.0f} s ago)"
         )
-    return f"not running ({status.get('state', 'no heartbeat')})"
+    return f"not running ({_shown(status, 'state') if 'state' in status else 'no heartbeat'})"
 
 
 def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
@@ -718,7 +739,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     for metric, best in bests.items() if isinstance(bests, dict) else ():
         if isinstance(best, dict):
             value = _fmt_metric(_float(best.get("value")))
-            print(f"best        {metric} {value} at step {_shown(best, 'step')}")
+            print(f"best        {printable(metric)} {value} at step {_shown(best, 'step')}")
     verdict = status.get("last_verdict")
     if isinstance(verdict, dict):
         v = {k: _shown(verdict, k) for k in ("eval_step", "action", "reason")}
@@ -727,7 +748,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
     _print_followers(status.get("followers"))
     malformed = status.get("malformed_lines")
     if isinstance(malformed, dict) and malformed:
-        print("malformed   " + ", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items())))
+        print("malformed   " + printable(", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items()))))
     trainer = status.get("trainer")
     if isinstance(trainer, dict) and trainer.get("skipped_captures"):
         t = {k: _shown(trainer, k) for k in ("skipped_captures", "last_skip_step", "last_skip_reason")}
@@ -737,12 +758,13 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         )
         causes = trainer.get("skipped_by_cause")
         if isinstance(causes, dict) and causes:
-            print("            by cause: " + ", ".join(f"{n} {c}" for c, n in sorted(causes.items())))
+            shown = ", ".join(f"{n} {c}" for c, n in sorted(causes.items()))
+            print(f"            by cause: {printable(shown)}")
     if isinstance(trainer, dict) and trainer.get("staging") == "disk":
         print("staging     on local disk (shared memory too small for the state; slower captures)")
     notes = status.get("log_notes")
     for note in notes if isinstance(notes, list) else ():
-        print(f"note        {note}")
+        print(f"note        {printable(note)}")
     if status.get("last_error"):
         print(f"last error  {field('last_error')}")
 
@@ -754,16 +776,17 @@ def _print_followers(followers: object) -> None:
             continue
         alive = report.get("alive") is True
         state = "alive" if alive else f"NO HEARTBEAT (last {_shown(report, 'age_s')} s ago)"
-        error = f"; last error: {report['last_error']}" if report.get("last_error") else ""
+        error = f"; last error: {_shown(report, 'last_error')}" if report.get("last_error") else ""
         print(
-            f"follower    node {node}: {state}, {_shown(report, 'parts_stored')} part(s) stored, "
+            f"follower    node {printable(node)}: {state}, {_shown(report, 'parts_stored')} part(s) stored, "
             f"{_shown(report, 'pending_acks')} pending{error}"
         )
 
 
 def _shown(data: dict[str, Any], key: str) -> str:
+    """A field of a file ckptd does not control, fit for a terminal (escapes made visible)."""
     value = data.get(key)
-    return "?" if isinstance(value, (dict, list)) or value is None else str(value)
+    return "?" if isinstance(value, (dict, list)) or value is None else printable(value)
 
 
 def _dicts(value: object) -> list[dict[str, Any]]:
@@ -900,13 +923,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- helpers --------------------------------------------------------------------------------
 
 
+_STATE_MAX_BYTES = 16 << 20  # a state.json is KiBs: /dev/zero behind a link stops here
+
+
 def _saved_status(run_dir: Path) -> dict[str, Any]:
     return read_status(RunPaths(run_dir))
 
 
 def _saved_state(run_dir: Path) -> dict[str, Any]:
     try:
-        data = json.loads(RunPaths(run_dir).state.read_bytes())
+        data = read_small_json(RunPaths(run_dir).state, _STATE_MAX_BYTES)
     except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -621,6 +621,18 @@ def metrics_to_json(metrics: Mapping[str, float]) -> dict[str, float | str]:
     return {k: v if math.isfinite(v) else repr(v) for k, v in metrics.items()}
 
 
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float as "nan", "inf" or "-inf" (as in metrics_to_json):
+    a bare NaN is no JSON, and a status.json anyone may write can hold one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def metrics_from_json(raw: object) -> dict[str, float]:
     """Lenient: the metrics of a mapping that may hold anything; what is no metric is left out."""
     if not isinstance(raw, dict):

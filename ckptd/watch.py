@@ -21,6 +21,7 @@ persists in flight and of pending acks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -31,7 +32,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from ckptd.protocol import STALE_AFTER_S, RunPaths, format_bytes, heartbeat_age, read_status
+from ckptd.protocol import STALE_AFTER_S, RunPaths, format_bytes, heartbeat_age, json_safe, read_status
+from ckptd.text import printable
 
 Status = dict[str, Any]
 
@@ -48,7 +50,9 @@ def sample(run_dir: Path) -> Status:
     paths = RunPaths(run_dir)
     age = heartbeat_age(paths)
     status = read_status(paths) if age is not None else {}
-    alive = age is not None and age <= STALE_AFTER_S
+    # A fresh mtime on a file that says nothing (damaged, replaced) is no daemon's heartbeat,
+    # and a clean halt says "stopped" before it ages the file.
+    alive = age is not None and age <= STALE_AFTER_S and "pid" in status and status.get("state") != "stopped"
     return {**status, "run_dir": str(run_dir), "alive": alive, "heartbeat_age_s": age}
 
 
@@ -89,7 +93,8 @@ def render(status: Status) -> list[str]:
         )
     error = status.get("last_error")
     lines.append(f"last error  {error if isinstance(error, str) and error else 'none'}")
-    return lines
+    # Every field came from a file anyone may write: no escape sequence reaches the terminal.
+    return [printable(line) for line in lines]
 
 
 def render_screen(statuses: Iterable[Status], interval: float, now: float) -> list[str]:
@@ -130,7 +135,7 @@ def summary(status: Status) -> str:
         error = status.get("last_error")
         if isinstance(error, str) and error:
             parts.append(f"error: {error}")
-    return "  ".join(parts)
+    return printable("  ".join(parts))  # one line, whatever newlines a field held
 
 
 def json_key(status: Status) -> str:
@@ -149,7 +154,7 @@ def _lag(status: Status) -> str:
     lag = _int(status.get("log_lag_bytes"))
     behind = _float(status.get("log_lag_seconds"))
     text = "unknown" if lag is None else f"{format_bytes(lag)} unread"
-    return text + (f", {behind:.1f} s behind" if behind else "")
+    return text + (f", {behind:.1f} s behind" if behind and math.isfinite(behind) else "")
 
 
 def _verdict(verdict: object, *, long: bool) -> str:
@@ -165,7 +170,9 @@ def _persists(status: Status) -> str:
         f"{_text(status, 'persisted')} persisted"
     )
     took = _float(status.get("last_persist_seconds"))
-    return text + (f" (last took {took:.1f} s)" if took is not None else "")
+    if took is None or not math.isfinite(took):
+        return text
+    return text + (f" (last took {took:.1f} s)" if abs(took) < 1e6 else f" (last took {took:.3g} s)")
 
 
 def _text(data: dict[str, Any], key: str) -> str:
@@ -231,7 +238,7 @@ def watch(
                         continue
                     previous[str(status.get("run_dir"))] = key
                     if as_json:
-                        out.write(json.dumps(status) + "\n")
+                        out.write(json.dumps(json_safe(status)) + "\n")
                     else:
                         out.write(time.strftime("%H:%M:%S ") + key + "\n")
             out.flush()
