@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_best(commands)
     _add_status(commands)
     _add_verify(commands)
+    _add_pull(commands)
     _add_export(commands)
     _add_prune(commands)
     _add_request(commands)
@@ -341,6 +342,7 @@ def _add_ls(commands: Any) -> None:
         _exit_codes(ok="listed", empty="the store has no checkpoint", usage=_USAGE, store=_STORE),
     )
     _add_store_option(ls)
+    _add_remote_option(ls)
 
 
 def _add_best(commands: Any) -> None:
@@ -363,6 +365,13 @@ def _add_best(commands: Any) -> None:
     _add_store_option(best)
     best.add_argument("--metric", help="METRIC[:min|max] (default: the daemon's first criterion)")
     best.add_argument("--mode", choices=_MODES, help="min or max (default: the mode the daemon recorded)")
+    best.add_argument(
+        "--remote",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="the best on the remote tier instead; prints its URL (default URL: the daemon's)",
+    )
 
 
 def _add_status(commands: Any) -> None:
@@ -421,6 +430,14 @@ def _add_verify(commands: Any) -> None:
     )
     _add_store_option(verify)
     verify.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to verify (default: all)")
+    verify.add_argument(
+        "--remote",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="verify the remote tier's checkpoints instead, reading every file back "
+        "(default URL: the daemon's)",
+    )
 
 
 def _add_export(commands: Any) -> None:
@@ -607,6 +624,10 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     store = _store_for(args)
     records = store.list()
+    located = _locations(args, Path(args.run_dir), records)
+    where: dict[str, str] = {}
+    if located is not None:
+        records, where = located
     if not records:
         return _nothing_in(store, args.json)
     criterion = _criterion_for(args, store, records)
@@ -615,20 +636,25 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     # mark says which one is the best now, as `ckptd best` would answer.
     best = BestN(criterion, 1).preserve(records)
     if args.json:
-        print(json.dumps([{**_record_json(store, r), "best": r.name in best} for r in records], indent=1))
+        listed = [
+            {**_record_json(store, r), "best": r.name in best, **({"where": where[r.name]} if where else {})}
+            for r in records
+        ]
+        print(json.dumps(listed, indent=1))
         return EXIT_OK
-    rows = [("STEP", "TAGS", metric.upper(), "SIZE", "AGE", "NAME")]
+    rows = [("STEP", "TAGS", metric.upper(), "SIZE", "AGE", "NAME", *(("WHERE",) if where else ()))]
     now = time.time()
     for r in records:
         late = "" if r.requested_step in (None, r.step) else f" (asked {r.requested_step})"
         rows.append(
             (
                 f"{r.step}{late}",
-                ",".join(r.tags) or "-",
+                printable(",".join(r.tags) or "-"),
                 _fmt_metric(r.metrics.get(metric)) + (" *" if r.name in best else ""),
                 format_bytes(r.nbytes),
                 _fmt_age(now - r.created),
                 r.name,
+                *((where[r.name],) if where else ()),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -659,6 +685,8 @@ def _best_of(
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
+    if args.remote is not None:
+        return _best_remote(args)
     store = _store_for(args)
     records = store.list()
     best, criterion = _best_of(args, store, records)
@@ -680,6 +708,20 @@ def _cmd_best(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(json.dumps(_record_json(store, best), indent=1) if args.json else store.path_of(best.name))
+    return EXIT_OK
+
+
+def _best_remote(args: argparse.Namespace) -> int:
+    remote = _need_remote(args, _run_dir(args))
+    records = remote.list()
+    best, criterion = _best_of(args, _store_for(args), records)
+    if best is None:
+        print(f"ckptd: no checkpoint with a finite {criterion.metric} on {remote.url}", file=sys.stderr)
+        print("null" if args.json else "", end="\n" if args.json else "")
+        return EXIT_EMPTY
+    location = f"{remote.url.rstrip('/')}/{best.name}"
+    found = {"name": best.name, "step": best.step, "url": location}
+    print(json.dumps(found, indent=1) if args.json else location)
     return EXIT_OK
 
 
@@ -746,6 +788,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         print(f"last        step {v['eval_step']}: {v['action']} ({v['reason']})")
     print(f"persisted   {field('persisted')} checkpoint(s), {field('pending_acks')} pending")
     _print_followers(status.get("followers"))
+    _print_remote(status.get("remote"))
     malformed = status.get("malformed_lines")
     if isinstance(malformed, dict) and malformed:
         print("malformed   " + printable(", ".join(f"{n} {kind}" for kind, n in sorted(malformed.items()))))
@@ -767,6 +810,21 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         print(f"note        {printable(note)}")
     if status.get("last_error"):
         print(f"last error  {field('last_error')}")
+
+
+def _print_remote(remote: object) -> None:
+    """The remote tier's line: uploads done and pending, the one under way, the last error."""
+    if not isinstance(remote, dict):
+        return
+    listed = remote.get("pending")
+    pending = listed if isinstance(listed, list) else []
+    uploading = f", uploading {_shown(remote, 'uploading')}" if remote.get("uploading") else ""
+    print(
+        f"remote      {_shown(remote, 'url')}: {_shown(remote, 'uploaded')} uploaded, "
+        f"{len(pending)} pending (kept locally until uploaded){uploading}"
+    )
+    if remote.get("last_error"):
+        print(f"            last error: {_shown(remote, 'last_error')}")
 
 
 def _print_followers(followers: object) -> None:
@@ -823,6 +881,8 @@ def _watch_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.remote is not None:
+        return _verify_remote(args)
     store = _store_for(args)
     # Every directory named like a checkpoint, not only those whose manifest reads:
     # an unreadable manifest is exactly what verify exists to report.
@@ -918,6 +978,178 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ckptd.demo import run_demo
 
     return run_demo(Path(args.dir) if args.dir else None)
+
+
+# -- the remote tier (docs/remote.md) ----------------------------------------------------------
+
+
+def _add_remote_option(parser: Any) -> None:
+    parser.add_argument(
+        "--remote",
+        metavar="URL",
+        help="the remote tier, e.g. s3://bucket/runs/exp1 (default: the daemon's, as status.json, "
+        "the run's ckptd.toml or $CKPTD_REMOTE name it)",
+    )
+
+
+def _remote_for(args: argparse.Namespace, run_dir: Path) -> Any:
+    """The run's ``RemoteStore``: ``--remote``, else the URL the daemon reports, else the run's
+    settings; its options from the run's settings (credentials: the backend's environment).
+    None when the run has no remote."""
+    from ckptd.remote import RemoteError, RemoteStore
+
+    own = settings.run_file_of(run_dir)
+    layered = settings.merged(own.run if own else {}, settings.environment_layer())
+    reported = _saved_status(run_dir).get("remote")
+    url = getattr(args, "remote", None) or (reported.get("url") if isinstance(reported, dict) else None)
+    url = url if isinstance(url, str) and url else layered.get("remote")
+    if not url:
+        return None
+    try:
+        return RemoteStore(url, layered.get("remote_options") or {})
+    except RemoteError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _need_remote(args: argparse.Namespace, run_dir: Path) -> Any:
+    remote = _remote_for(args, run_dir)
+    if remote is None:
+        raise ConfigError(f"{run_dir} has no remote tier: give --remote URL")
+    return remote
+
+
+def _where(name: str, local: set[str], remote: set[str] | None, pending: set[str]) -> str:
+    """Where a checkpoint lives: local, remote, both, or uploading (local, upload pending)."""
+    if remote is None:
+        return "uploading" if name in pending else "local"
+    if name in local and name in remote:
+        return "both"
+    if name in remote:
+        return "remote"
+    return "uploading" if name in pending else "local"
+
+
+def _locations(args: argparse.Namespace, run_dir: Path, local: list[CheckpointRecord]) -> Any:
+    """(every record, remote-only ones included; name -> where) when the run has a remote,
+    else None. A remote that cannot be listed is said on stderr; local ones stay listed."""
+    from ckptd.protocol import read_pending_uploads
+    from ckptd.remote import RemoteError
+
+    remote = _remote_for(args, run_dir)
+    if remote is None:
+        return None
+    try:
+        pending = set(read_pending_uploads(RunPaths(run_dir)))
+    except ValueError:
+        pending = set()
+    try:
+        remote_records = remote.list()
+        on_remote: set[str] | None = {r.name for r in remote_records}
+    except RemoteError as exc:
+        print(f"ckptd: cannot list {remote.url}: {exc.problem}", file=sys.stderr)
+        remote_records, on_remote = [], None
+    names = {r.name for r in local}
+    only_remote = [r for r in remote_records if r.name not in names]
+    records = sorted([*local, *only_remote], key=lambda r: (r.step, r.name))
+    return records, {r.name: _where(r.name, names, on_remote, pending) for r in records}
+
+
+def _add_pull(commands: Any) -> None:
+    pull = _query(
+        commands,
+        "pull",
+        _cmd_pull,
+        "fetch a checkpoint from the remote tier and verify it",
+        "Download checkpoint NAME (default: the remote's best) from the run's remote tier into the "
+        "new directory DIR, checking every file against its manifest's checksum. DIR appears only "
+        "once complete (written beside it, then renamed).",
+        "the checkpoint fetched, as a JSON object",
+        _exit_codes(
+            ok="fetched and verified",
+            empty="no such checkpoint on the remote",
+            usage=_USAGE + "; no remote; DIR exists",
+            store="the remote could not be read, or DIR not written",
+            corrupt="a file does not match its manifest (nothing is left in DIR)",
+        ),
+    )
+    pull.add_argument(
+        "name", nargs="?", metavar="NAME", help="checkpoint to fetch (default: the remote's best)"
+    )
+    pull.add_argument("--to", required=True, metavar="DIR", help="new directory to write it into")
+    _add_store_option(pull)
+    pull.add_argument("--metric", help="METRIC[:min|max] that picks the best (default: the daemon's)")
+    pull.add_argument("--mode", choices=("min", "max"), help=argparse.SUPPRESS)
+    _add_remote_option(pull)
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from ckptd.remote import RemoteError
+
+    run_dir = _run_dir(args)
+    remote = _need_remote(args, run_dir)
+    target = Path(args.to)
+    if target.exists() or target.is_symlink():
+        raise ConfigError(f"{target} exists; pull into a new directory")
+    records = remote.list()
+    name = args.name or _remote_best_name(args, records)
+    if name is None or name not in {r.name for r in records}:
+        print(f"ckptd: no checkpoint {name or '(best)'} on {remote.url}", file=sys.stderr)
+        return EXIT_EMPTY
+    partial = target.with_name(f".{target.name}.pulling-{os.getpid()}")
+    try:
+        transfer = remote.download(name, partial)
+        os.rename(partial, target)
+    except RemoteError as exc:
+        _remove_tree(partial)
+        print(f"ckptd: {exc}", file=sys.stderr)
+        return EXIT_CORRUPT if "mismatch" in exc.problem or "bytes" in exc.problem else EXIT_STORE
+    except BaseException:
+        _remove_tree(partial)
+        raise
+    result = {"name": name, "to": str(target), "files": transfer.files, "bytes": transfer.nbytes}
+    print(json.dumps(result, indent=1) if args.json else f"{name}: {transfer.files} file(s), "
+          f"{format_bytes(transfer.nbytes)} verified, in {target}")  # fmt: skip
+    return EXIT_OK
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remote_best_name(args: argparse.Namespace, records: list[CheckpointRecord]) -> str | None:
+    best, _ = _best_of(args, _store_for(args), records)
+    return None if best is None else best.name
+
+
+def _verify_remote(args: argparse.Namespace) -> int:
+    from ckptd.remote import RemoteError
+
+    remote = _need_remote(args, _run_dir(args))
+    present = [r.name for r in remote.list()]
+    unknown = [name for name in args.names if name not in present]
+    if unknown:
+        raise ConfigError(f"no checkpoint named {', '.join(unknown)} on {remote.url}")
+    names = args.names or present
+    if not names:
+        print(f"ckptd: no checkpoints on {remote.url}", file=sys.stderr)
+        print("[]" if args.json else "", end="\n" if args.json else "")
+        return EXIT_EMPTY
+    results = []
+    for name in names:
+        started = time.monotonic()
+        try:
+            problems = remote.verify(name)
+        except RemoteError as exc:
+            problems = [exc.problem]
+        results.append({"name": name, "ok": not problems, "problems": problems})
+        if not args.json:
+            verdict = "ok" if not problems else "CORRUPT: " + "; ".join(problems)
+            print(f"{name}  {printable(verdict)}  ({time.monotonic() - started:.1f} s)", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_CORRUPT
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -239,3 +239,54 @@ def test_a_daemon_killed_mid_upload_resumes_it_and_never_dropped_the_local_copy(
     remote = RemoteStore(url)
     assert [r.name for r in remote.list()] == ["step-00000100"] and remote.verify("step-00000100") == []
     assert again.stop() == 0
+
+
+def ckptd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ckptd", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_the_cli_shows_where_each_checkpoint_lives_and_pulls_and_verifies_remote_ones(
+    tmp_path: Path, bucket: str, daemons: Any, shm_root: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    url = f"s3://{bucket}/runs/f"
+    daemon = daemons(run, "--metric", "loss", "--keep-last", "1", "--remote", url, "--remote-keep-last", "3")
+    scripted(run, [{"step": s, "loss": loss} for s, loss in ((100, 0.9), (200, 0.8), (300, 0.7))])
+    wait_for(lambda: remote_report(run).get("uploaded") == 3 and not remote_report(run).get("pending"),
+             timeout=60, what=daemon.log())  # fmt: skip
+    wait_for(lambda: [r.step for r in Store(run / "checkpoints").list()] == [300], what=daemon.log())
+    status = ckptd("status", str(run)).stdout
+    assert f"remote      {url}: 3 uploaded, 0 pending" in status
+
+    listed = json.loads(ckptd("ls", str(run), "--json").stdout)
+    assert {e["name"]: e["where"] for e in listed} == {
+        "step-00000100": "remote", "step-00000200": "remote", "step-00000300": "both",
+    }  # fmt: skip
+    assert "WHERE" in ckptd("ls", str(run)).stdout
+    best = ckptd("best", str(run), "--remote")
+    assert best.returncode == 0 and best.stdout.strip() == f"{url}/step-00000300"
+
+    pulled = tmp_path / "pulled"
+    done = ckptd("pull", str(run), "step-00000200", "--to", str(pulled), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"] == "step-00000200"
+    assert (pulled / MANIFEST).is_file() and len((pulled / "tensors.safetensors").read_bytes()) > 0
+    assert ckptd("verify", str(run), "--remote").returncode == 0
+
+    # One flipped byte on the remote: verify --remote and pull both say so; pull leaves nothing.
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    key = f"{bucket}/runs/f/step-00000300/tensors.safetensors"
+    data = bytearray(fs.cat_file(key))
+    data[-1] ^= 0xFF
+    fs.pipe_file(key, bytes(data))
+    bad = ckptd("verify", str(run), "--remote", "--json")
+    assert bad.returncode == 5 and not {r["name"]: r["ok"] for r in json.loads(bad.stdout)}["step-00000300"]
+    refused = ckptd("pull", str(run), "step-00000300", "--to", str(tmp_path / "bad"))
+    assert refused.returncode == 5 and not (tmp_path / "bad").exists(), refused.stderr
+    assert not list(tmp_path.glob(".bad.pulling-*"))
+    assert ckptd("pull", str(run), "step-00000999", "--to", str(tmp_path / "none")).returncode == 1
+    assert daemon.stop() == 0
