@@ -1506,7 +1506,10 @@ class _Meter:
     def __init__(self, name: str, total: int) -> None:
         self.name, self.total = name, total
         self.done = 0
-        self.started = self.drawn = time.monotonic()
+        self.started = time.monotonic()
+        # The first chunk draws at once (a hot page cache hashes a checkpoint in less than a
+        # redraw interval, and a terminal should still see that something happened).
+        self.drawn = self.started - 1.0
 
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes
@@ -1521,7 +1524,7 @@ class _Meter:
         sys.stderr.flush()
 
     def clear(self) -> None:
-        if self.drawn != self.started:
+        if self.done:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 

@@ -29,6 +29,10 @@ log = logging.getLogger("ckptd.daemon")
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 
 
+class _Stopping(Exception):
+    """Raised between two files of an upload when the daemon stops: the rest resumes later."""
+
+
 class Uploader:
     """Uploads what ``offer`` hands it, one checkpoint at a time, on its own thread."""
 
@@ -109,6 +113,9 @@ class Uploader:
                 continue
             try:
                 self._handle(name)
+            except _Stopping:
+                log.info("upload of %s interrupted by the stop; it resumes at the next start", name)
+                return
             except (RemoteError, StoreError, OSError, ValueError) as exc:
                 pause = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
                 failures += 1
@@ -142,7 +149,7 @@ class Uploader:
             self._uploading = name
         started = time.monotonic()
         try:
-            transfer = self.remote.upload(self.store, name)
+            transfer = self.remote.upload(self.store, name, progress=self._between_files)
         finally:
             with self._lock:
                 self._uploading = None
@@ -157,6 +164,12 @@ class Uploader:
             "uploaded %s to %s (%.1f MiB in %.2f s)", name, self.remote.url, transfer.nbytes / 2**20, seconds
         )
         self._rotate_remote()
+
+    def _between_files(self, _nbytes: int) -> None:
+        # A stopping daemon (or a node daemon releasing this run) must not leave a thread
+        # uploading behind it: the next daemon of the run resumes from uploads.json.
+        if self._stopping.is_set():
+            raise _Stopping
 
     def _wanted(self, record: CheckpointRecord) -> bool:
         """Whether the remote policy keeps ``record`` among what the remote holds and the other
