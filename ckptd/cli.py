@@ -494,7 +494,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     config = _run_config(args)
     node_id = _node_id(args.node_id)
-    if resolve_role(args.role) == "follower":
+    if _role(args) == "follower":
         return _run_follower(config, node_id)
     if not config.run_dir.exists():
         # Trainers often start after the daemon, so this is no error; but a mistyped path
@@ -508,6 +508,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # SIGHUP (systemctl reload): the options and files read again; what applies live does.
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(daemon, args)).start())
     return daemon.run()
+
+
+def _role(args: argparse.Namespace) -> str:
+    try:
+        return resolve_role(args.role)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _node_id(given: str | None) -> str:
@@ -572,7 +579,7 @@ def _cmd_sidecar(args: argparse.Namespace) -> int:
         command,
         stop_timeout=args.stop_timeout,
         summary=lambda: _sidecar_summary(config.run_dir),
-        follower_node=_node_id(args.node_id) if resolve_role(args.role) == "follower" else None,
+        follower_node=_node_id(args.node_id) if _role(args) == "follower" else None,
     )
     return sidecar.run()
 
@@ -834,6 +841,8 @@ def _print_followers(followers: object) -> None:
             continue
         alive = report.get("alive") is True
         state = "alive" if alive else f"NO HEARTBEAT (last {_shown(report, 'age_s')} s ago)"
+        if report.get("state") == "stopped":
+            state = "stopped"
         error = f"; last error: {_shown(report, 'last_error')}" if report.get("last_error") else ""
         print(
             f"follower    node {printable(node)}: {state}, {_shown(report, 'parts_stored')} part(s) stored, "

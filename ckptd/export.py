@@ -5,7 +5,9 @@ is written. Its layout decides how the weights come out:
 
 * a DCP checkpoint (``.metadata`` + ``__<rank>_0.distcp``, FSDP2's ranks): converted with
   ``dcp_to_torch_save`` into a temp file inside the output's temp dir, loaded back
-  ``weights_only``; the ``"model"`` entry (what ``get_state_dict`` returns first) is taken;
+  ``weights_only`` (DCP unpickles the checkpoint's ``.metadata`` on the way: export only
+  checkpoints whose writers you trust); the ``"model"`` entry (what ``get_state_dict``
+  returns first) is taken;
 * a ckptd snapshot (``tensors.safetensors`` + ``structure.json``): read with ``load_snapshot``,
   the ``"model"`` entry again;
 * a framework export (``model.safetensors``, or its shards and index, as ``save_pretrained``
@@ -202,9 +204,13 @@ def _write_weights(source: Path, files: frozenset[str], staging: Path) -> int:
 
 def _dcp_state(source: Path, staging: Path) -> Any:
     """The whole state of a DCP checkpoint, through a torch.save file (removed again) in the
-    output's own temp dir: nothing is written outside it, however large the state."""
+    output's own temp dir: nothing is written outside it, however large the state.
+
+    DCP itself unpickles the checkpoint's ``.metadata`` (and any non-tensor item): export only
+    checkpoints whose every writer you trust, as with any DCP or ``torch.load`` of a file."""
     with torch_required():
         import torch
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     saved = staging / ".state.pt"
@@ -212,7 +218,9 @@ def _dcp_state(source: Path, staging: Path) -> Any:
         dcp_to_torch_save(source, saved)
         # mmap: the tensors stay in the page cache instead of a second copy in memory.
         return torch.load(saved, weights_only=True, mmap=True)
-    except Exception as exc:  # DCP and pickle raise many types; every one means "cannot read"
+    # DCP and pickle raise many types, and DCP's CheckpointException is a BaseException: every
+    # one means "cannot read".
+    except (Exception, CheckpointException) as exc:
         raise StoreError(source, f"cannot read the DCP checkpoint: {type(exc).__name__}: {exc}") from exc
     finally:
         saved.unlink(missing_ok=True)  # a mapping keeps the data until it is dropped

@@ -39,6 +39,8 @@ _ACK_NAME = re.compile(r"^(?:\d{1,19}|step-\d{1,19})(?:-r\d{1,6})?\.json$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 # DCP's coordinator writes its metadata under this fixed name: the one dot-name a slot may hold.
 DCP_METADATA = ".metadata"
+# Names a checkpoint's own files take: an ack naming one could forge the manifest or the token.
+RESERVED_NAMES = frozenset({"MANIFEST.json", "capture.json"})
 _NODE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -132,13 +134,17 @@ NODE_RANK_VARIABLES = ("CKPTD_NODE_RANK", "SLURM_NODEID", "NODE_RANK")
 
 
 def resolve_role(role: str | None) -> str:
-    """``leader`` or ``follower``: as given, or (auto) follower when the node rank is not 0."""
+    """``leader`` or ``follower``: as given, or (auto) follower when the node rank is not 0.
+    A node rank that is no integer is a ``ValueError``: guessing would make every node a
+    follower (no leader: nothing is ever committed) or two leaders."""
     if role in ("leader", "follower"):
         return role
     for variable in NODE_RANK_VARIABLES:
         value = os.environ.get(variable, "").strip()
         if value:
-            return "leader" if value == "0" else "follower"
+            if not value.isascii() or not value.isdigit():
+                raise ValueError(f"${variable}={value!r} is not a node rank (an integer >= 0); give --role")
+            return "leader" if int(value) == 0 else "follower"
     return "leader"
 
 
@@ -399,13 +405,18 @@ class Ack:
             raise fields.error("name", "'<seq>' or 'step-<step>'")
         files = fields.mapping("files")
         for fname, size in files.items():
-            if not is_plain_name(fname) or not is_count(size):
+            if not is_plain_name(fname) or not is_count(size) or fname in RESERVED_NAMES:
                 raise ProtocolError(path, f"bad file entry {fname!r}: {size!r}")
         token = fields.text("token", "")
         if token and not is_token(token):
             raise fields.error("token", "a plain identifier")
         token_file = fields.text("token_file", "tensors.safetensors")
         rank, world_size, capture = _rank_fields(fields)
+        if world_size is not None and (not files or not token):
+            # A part with nothing in it, or none the slot's token can vouch for, is no part.
+            raise fields.error(
+                "files" if not files else "token", "given (a sharded part has files and a token)"
+            )
         # A sharded slot's token is in its capture.json, which is not stored.
         if token and token_file not in files and world_size is None:
             raise fields.error("token_file", "one of the ack's files")

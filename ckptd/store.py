@@ -366,9 +366,8 @@ class Store:
             atomic_write_json(pending.directory / f".rank-{rank}.json", marker, durable=True)
 
     def shard_captures(self) -> list[tuple[str, float]]:
-        """Sharded captures being gathered: (capture id, seconds since anything was added)."""
+        """Sharded captures being gathered: (capture id, when something was last added)."""
         found = []
-        now = time.time()
         for entry in self._entries():
             capture = entry.name[len(SHARD_PREFIX) :]
             if not entry.name.startswith(SHARD_PREFIX) or not is_token(capture) or entry.is_symlink():
@@ -377,7 +376,7 @@ class Store:
                 newest = max([entry.stat().st_mtime] + [f.stat().st_mtime for f in entry.iterdir()])
             except OSError:
                 continue  # committed or abandoned meanwhile
-            found.append((capture, max(0.0, now - newest)))
+            found.append((capture, newest))
         return found
 
     def missing_ranks(self, capture: str) -> list[int] | None:
@@ -393,24 +392,27 @@ class Store:
         return [r for r in range(world_size) if r not in {p.rank for p in parts}]
 
     def commit_shards(self, capture: str) -> CheckpointRecord | None:
-        """Commit ``capture`` if every rank's part is stored (None: not yet). The manifest is
-        written first (a crash after it is finished by the next call), then the markers are
-        removed and the directory renamed into place."""
+        """Commit ``capture`` if every rank's part is stored (None: not yet).
+
+        With every marker there, the manifest is (re)made from them and replaces any earlier
+        one atomically; a manifest without all markers is the one a commit cut short wrote
+        (only this method writes one: an ack may not name MANIFEST.json). Then the files are
+        checked against it (each there, regular, its size; nothing else beside them), the
+        markers removed and the directory renamed into place."""
         directory = self.shard_dir(capture)
-        if (directory / MANIFEST).is_file():
+        whole = _sharded_manifest(_rank_parts(directory, capture), capture)
+        if whole is not None:
+            document = whole
+            with _doing("write the manifest", directory):
+                atomic_write_json(directory / MANIFEST, document, durable=True)
+        elif (directory / MANIFEST).is_file():
             document = self._manifest_at(directory)
         else:
-            whole = _sharded_manifest(_rank_parts(directory, capture), capture)
-            if whole is None:
-                return None
-            document = whole
-            with _doing("write the manifest", directory), (directory / MANIFEST).open("x") as handle:
-                json.dump(document, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for marker in directory.iterdir():
-            if _RANK_MARKER.match(marker.name):
-                marker.unlink()
+            return None
+        _check_gathered(directory, document)
+        for leftover in directory.iterdir():  # markers, and a manifest write cut short
+            if _RANK_MARKER.match(leftover.name) or leftover.name.startswith(f".{MANIFEST}."):
+                leftover.unlink()
         fsync_dir(directory)
         step = Fields(directory, document).count("step")
         name = self._rename_into_place(PendingCheckpoint(directory, step))
@@ -617,6 +619,32 @@ def _rank_part(path: Path, rank: int, capture: str) -> _RankPart:
             raise ValueError(f"bad file entry {name!r}")
     fields.mapping("manifest")
     return _RankPart(rank, fields.data)
+
+
+def _check_gathered(directory: Path, document: Mapping[str, Any]) -> None:
+    """Every file the manifest names is in ``directory``, a regular file of its size, and
+    nothing else is (markers and the manifest aside): a part that lied, or a stray file, never
+    becomes a visible checkpoint."""
+    files = document.get("files")
+    if not isinstance(files, dict) or not files:
+        raise StoreError(directory, "the gathered manifest lists no files")
+    for name, entry in files.items():
+        try:
+            info = (directory / _plain(name)).lstat()
+        except FileNotFoundError:
+            raise StoreError(directory / name, "named by a rank's part but missing") from None
+        if not stat.S_ISREG(info.st_mode) or info.st_size != (entry or {}).get("bytes"):
+            raise StoreError(directory / name, "not the regular file of the size its part names")
+    strays = [
+        e.name
+        for e in directory.iterdir()
+        if e.name not in files
+        and e.name != MANIFEST
+        and not _RANK_MARKER.match(e.name)
+        and not e.name.startswith(f".{MANIFEST}.")  # an atomic write's temp file
+    ]
+    if strays:
+        raise StoreError(directory, f"holds files no rank's part names: {sorted(strays)[:5]}")
 
 
 def _sharded_manifest(parts: Sequence[_RankPart], capture: str) -> dict[str, Any] | None:

@@ -243,13 +243,34 @@ def _unused(paths: RunPaths, *, daemon: bool) -> frozenset[str] | None:
     try:
         if not _real_dir(paths.meta):
             return None
-        if daemon and (daemon_alive(paths) or flock_held(paths.lock)):
-            return None
         if flock_held(paths.client_lock):
             return None
-        return _acked_slots(paths)
+        # A multi-node job's follower daemons have their own heartbeat, lock and acks: a slot
+        # one of their pending acks names is as busy as one the leader's names.
+        slots: set[str] = set()
+        for each in (paths, *_followers(paths)):
+            if daemon and (daemon_alive(each) or flock_held(each.lock)):
+                return None
+            slots |= _acked_slots(each)
+        return frozenset(slots)
     except (OSError, ValueError, RecursionError):
         return None
+
+
+def _followers(paths: RunPaths) -> list[RunPaths]:
+    """The follower nodes' files of a run (``.ckptd/nodes/<node>/``), never through a link."""
+    nodes = paths.meta / "nodes"
+    if not _real_dir(nodes):
+        return []
+    found: list[RunPaths] = []
+    for name in sorted(os.listdir(nodes)):
+        try:
+            node = paths.node(name)
+        except ValueError:
+            continue  # not a node id: not ours
+        if _real_dir(node.meta):
+            found.append(node)
+    return found
 
 
 def _acked_slots(paths: RunPaths) -> frozenset[str]:

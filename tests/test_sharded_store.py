@@ -211,3 +211,85 @@ def test_status_shows_each_follower_node_and_a_silent_one_loudly(tmp_path: Path)
     out = ckptd("status", str(tmp_path)).stdout
     assert "node gpu-1: alive, 7 part(s) stored, 1 pending" in out
     assert "node gpu-2: NO HEARTBEAT" in out
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"files": {"__1_0.distcp": 10, "MANIFEST.json": 50}},  # would forge the committed manifest
+        {"files": {"capture.json": 5}},
+        {"files": {}},  # a part with nothing in it
+        {"token": ""},  # nothing the slot's token could vouch for
+    ],
+)
+def test_a_sharded_ack_that_could_forge_or_empty_a_checkpoint_is_refused(
+    tmp_path: Path, changes: dict[str, Any]
+) -> None:
+    with pytest.raises(ProtocolError):
+        read_ack(ack_file(tmp_path, **changes))
+
+
+def test_a_manifest_cut_short_while_every_marker_is_there_is_made_again(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store_part(store, "8-h", 0, 2, {"__0_0.distcp": b"a", ".metadata": b"m"}, step=8)
+    store_part(store, "8-h", 1, 2, {"__1_0.distcp": b"b"}, step=8)
+    (store.shard_dir("8-h") / MANIFEST).write_bytes(b"")  # the leader died mid-write
+    record = store.commit_shards("8-h")
+    assert record is not None and not store.verify(record.name)
+    assert not [p for p in store.path_of(record.name).iterdir() if p.name.startswith(".rank-")]
+
+
+@pytest.mark.parametrize("tamper", ["missing", "short", "stray"])
+def test_parts_whose_files_are_not_what_their_markers_say_are_never_committed(
+    tmp_path: Path, tamper: str
+) -> None:
+    store = Store(tmp_path / "store")
+    store_part(store, "9-i", 0, 1, {"__0_0.distcp": b"abcd", ".metadata": b"m"}, step=9)
+    shard = store.shard_dir("9-i")
+    if tamper == "missing":
+        (shard / "__0_0.distcp").unlink()
+    elif tamper == "short":
+        (shard / "__0_0.distcp").write_bytes(b"ab")
+    else:
+        (shard / "evil.sh").write_text("#!/bin/sh\n")
+    with pytest.raises(StoreError):
+        store.commit_shards("9-i")
+    assert not store.list()
+
+
+def test_gc_keeps_a_slot_a_follower_node_s_pending_ack_names(tmp_path: Path) -> None:
+    from ckptd import sweep
+    from ckptd.staging import staging_dir_for
+
+    run = tmp_path / "run"
+    paths = RunPaths(run)
+    paths.acks.mkdir(parents=True)
+    follower = paths.node("b")
+    follower.acks.mkdir(parents=True)
+    ack = read_ack(ack_file(tmp_path, name="3-r1", slot="r1-0"))
+    write_ack(follower, ack)
+    shm = tmp_path / "shm"
+    staging = staging_dir_for("runid", shm)
+    (staging / "r1-0").mkdir(parents=True)
+    (staging / "r9-0").mkdir()  # no ack names it: it may go
+    sweep.mark(staging, run, "runid")
+    (paths.meta / "state.json").write_text(json.dumps({"run_id": "runid"}))
+    orphans, _ = sweep.find_orphans(shm, grace=0)
+    gone = {o.path.name for o in orphans}
+    assert "r1-0" not in gone and staging.name not in gone, orphans
+    follower_ack = next(follower.acks.iterdir())
+    follower_ack.unlink()  # committed: now nothing holds the slot
+    orphans, _ = sweep.find_orphans(shm, grace=0)
+    assert {o.path.name for o in orphans} & {staging.name, "r1-0"}
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "²"])
+def test_a_node_rank_that_is_no_integer_is_refused_not_guessed(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.delenv("CKPTD_NODE_RANK", raising=False)
+    monkeypatch.setenv("SLURM_NODEID", value)
+    with pytest.raises(ValueError, match="SLURM_NODEID"):
+        resolve_role("auto")
+    monkeypatch.setenv("SLURM_NODEID", "00")
+    assert resolve_role("auto") == "leader"

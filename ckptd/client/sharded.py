@@ -14,12 +14,12 @@ once every rank's part is stored, so the store holds a plain DCP checkpoint:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -114,24 +114,30 @@ class ShardedClient:
                 use_non_blocking_copy=False,
             )
         )
-        self._writing: Future[Any] | None = None  # the last capture's write into its slot
+        self._writing: threading.Event | None = None  # set once the last capture is acknowledged
+        self._closed = False
 
     def maybe_snapshot(self, step: int, state_fn: Callable[[], Any], *, evaluated: bool = False) -> bool:
         """Capture ``state_fn()`` (a DCP state dict: DTensors, ``get_state_dict``'s result) on
         every rank if rank 0 finds a capture due at ``step``. Returns whether it was staged."""
+        if self._closed:
+            raise ValueError("this ShardedClient is closed")
         plan = _broadcast(self._decide(step, evaluated) if self._leader is not None else None)
         if plan is None:
             return False
         return self._capture(plan, state_fn)
 
     def wait_staged(self) -> None:
-        """Wait until the last capture is written into its slot and acknowledged."""
-        writing, self._writing = self._writing, None
-        if writing is not None:
-            with contextlib.suppress(Exception):  # reported by _acknowledge already
-                writing.result()
+        """Wait until the last capture is written into its slot and acknowledged (or failed,
+        which is logged: staging trouble never raises into training)."""
+        acknowledged, self._writing = self._writing, None
+        if acknowledged is not None:
+            acknowledged.wait()
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.wait_staged()
         self._stager.close()
         if self._leader is not None:
@@ -174,36 +180,64 @@ class ShardedClient:
         self.wait_staged()  # its slot has no ack yet: it must not be chosen again
         paths = self._ack_paths(plan.leader_node)
         slot, why = self._ready(paths, plan)
-        if not _everyone(slot is not None):
-            if slot is None:
+        # The user's state_fn runs before the ranks agree: a rank whose state_fn raises must
+        # not leave the others blocked in DCP's collectives. It raises once all have agreed.
+        state, failure = None, None
+        if slot is not None:
+            try:
+                state = state_fn()
+                if not isinstance(state, dict):
+                    raise TypeError(
+                        f"state_fn must return a DCP state dict (a dict), not {type(state).__name__}"
+                    )
+            except Exception as exc:
+                failure, why = exc, f"state_fn raised {type(exc).__name__}: {exc}"
+        ready = slot is not None and failure is None
+        if not _everyone(ready):
+            if not ready:
                 log.warning("ckptd: rank %d cannot stage step %d: %s", self.rank, plan.step, why)
+            if failure is not None:
+                raise failure
             return False  # DCP's save is collective: all ranks capture, or none
-        assert slot is not None
-        state = state_fn()
+        assert slot is not None and isinstance(state, dict)
         _empty(slot)
         writer = dcp.FileSystemWriter(str(slot), single_file_per_rank=True, sync_files=False, overwrite=True)
         writing = dcp.async_save(
             state, storage_writer=writer, async_stager=self._stager, process_group=self._group
         )
         assert isinstance(writing, Future)  # a synchronous stager: no separate staging future
-        writing.add_done_callback(functools.partial(self._acknowledge, paths, slot, plan))
-        self._writing = writing
+        acknowledged = threading.Event()
+        writing.add_done_callback(functools.partial(self._acknowledge, paths, slot, plan, acknowledged))
+        self._writing = acknowledged
         self.last_blocked_s = time.perf_counter() - started
         return True
 
-    def _acknowledge(self, paths: RunPaths, slot: Path, plan: _Plan, writing: Future[Any]) -> None:
-        """On DCP's writer thread, once the slot is written: its token last, then the ack."""
-        if writing.exception() is not None:
-            log.warning(
-                "ckptd: rank %d could not stage step %d: %s", self.rank, plan.step, writing.exception()
-            )
-            return
+    def _acknowledge(
+        self, paths: RunPaths, slot: Path, plan: _Plan, acknowledged: threading.Event, writing: Future[Any]
+    ) -> None:
+        """On DCP's writer thread, once the slot is written: its token last, then the ack. The
+        event is set last, whatever happened: until then the slot, which no ack names yet, is
+        not free (a Future wakes ``result()`` before it runs this callback)."""
+        try:
+            # DCP's CheckpointException is a BaseException: exception() returns it, never raises.
+            failed = writing.exception()
+            if failed is not None:
+                log.warning("ckptd: rank %d could not stage step %d: %s", self.rank, plan.step, failed)
+                _empty(slot)  # a partial write must not keep filling shared memory
+                return
+            write_ack(paths, self._ack(slot, plan))
+        except Exception as exc:  # on DCP's thread: nobody else would hear of it
+            log.warning("ckptd: rank %d could not acknowledge step %d: %s", self.rank, plan.step, exc)
+        finally:
+            acknowledged.set()
+
+    def _ack(self, slot: Path, plan: _Plan) -> Ack:
         token = secrets.token_hex(8)
         files = {
             p.name: p.stat().st_size for p in sorted(slot.iterdir()) if p.is_file() and not p.is_symlink()
         }
         (slot / CAPTURE_FILE).write_text(f'{{"token": "{token}"}}\n')  # last: the slot is whole
-        ack = Ack(
+        return Ack(
             name=Ack.name_for(plan.seq, plan.step, self.rank),
             captured_step=plan.step,
             slot=slot.name,
@@ -219,7 +253,6 @@ class ShardedClient:
             world_size=self.world_size,
             capture=plan.capture,
         )
-        write_ack(paths, ack)
 
     def _ack_paths(self, leader_node: str) -> RunPaths:
         """Rank 0 acks to the leader (it is on the leader's node); another rank to its own node's
@@ -229,7 +262,14 @@ class ShardedClient:
         return self.paths.node(self.node_id)
 
     def _ready(self, paths: RunPaths, plan: _Plan) -> tuple[Path | None, str]:
-        """A free slot of this rank on this node, or None and why not."""
+        """A free slot of this rank on this node, or None and why not; never raises (the ranks
+        are about to agree: one that raised would leave the others waiting)."""
+        try:
+            return self._free_slot(paths, plan)
+        except OSError as exc:
+            return None, f"cannot prepare a slot: {exc}"
+
+    def _free_slot(self, paths: RunPaths, plan: _Plan) -> tuple[Path | None, str]:
         if self.rank != 0 and not daemon_alive(paths, self.stale_after):
             return None, f"no live ckptd daemon for node {self.node_id} (heartbeat {paths.status})"
         staging = staging_dir_for(plan.run_id)

@@ -30,6 +30,7 @@ from ckptd.protocol import (
     pending_ack_paths,
     read_ack,
     read_control,
+    read_status,
 )
 from ckptd.staging import not_private, slot_dir, staging_dir_for
 from ckptd.store import Store
@@ -110,6 +111,8 @@ class FollowerDaemon:
                 ack = read_ack(path)
                 if not ack.sharded:
                     raise ProtocolError(path, "not one rank's part of a sharded capture")
+                if ack.rank == 0:  # rank 0 is on the leader's node by definition: its daemon stores it
+                    raise ProtocolError(path, "rank 0's part is the leader's to store, not a follower's")
             except FileNotFoundError:
                 continue
             except ProtocolError as exc:
@@ -144,12 +147,17 @@ class FollowerDaemon:
         """This node's staging dir of the run (the run id is the leader's, in control.json),
         made and marked as the leader makes its own, so ``ckptd gc`` knows whose it is."""
         try:
-            run_id = read_control(self.run_paths.control).run_id
+            control = read_control(self.run_paths.control)
         except FileNotFoundError:
             return None  # the leader has not started yet
         except ProtocolError as exc:
             self._error(f"cannot read the leader's control file: {exc}")
             return None
+        problem = self._misconfigured(control.node)
+        if problem is not None:
+            self._error(problem)
+            return None
+        run_id = control.run_id
         staging = staging_dir_for(run_id)
         if run_id != self._marked:
             problem = not_private(staging)
@@ -161,6 +169,22 @@ class FollowerDaemon:
             self._marked = run_id
         return staging
 
+    def _misconfigured(self, leader_node: str) -> str | None:
+        """Why parts stored here would never be committed, or None: the leader's own node id
+        (two daemons for one node's ranks), or another store than the one the leader commits."""
+        if leader_node == self.node_id:
+            return (
+                f"the leader runs on node {self.node_id!r} too: run one daemon per node, each with "
+                "its own node id (--node-id / CKPTD_NODE_ID); nothing is stored"
+            )
+        leaders = read_status(self.run_paths).get("store")
+        if isinstance(leaders, str) and Path(leaders).resolve() != self.store.root.resolve():
+            return (
+                f"the leader commits into {leaders}, this follower would store into "
+                f"{self.store.root}: give it --store {leaders}; nothing is stored"
+            )
+        return None
+
     def _set_aside(self, path: Path, problem: str) -> None:
         aside = path.with_name(path.name + ".rejected")
         try:
@@ -170,8 +194,9 @@ class FollowerDaemon:
         self._error(f"rejected ack {path.name}: {problem} (kept as {aside.name})")
 
     def _error(self, message: str) -> None:
+        if message != self._last_error:  # a standing problem is said once, not every pass
+            log.error("%s", message)
         self._last_error = message
-        log.error("%s", message)
 
     def _write_status(self, state: str = "running") -> None:
         atomic_write_json(

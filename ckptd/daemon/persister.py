@@ -98,6 +98,7 @@ class Persister:
         # upload is kept locally.
         self.uploader = uploader
         self._checking = threading.Event()  # a shard check is queued and not done yet
+        self._looked: dict[str, float] = {}  # capture -> its newest mtime when last tried
         self._jobs: queue.Queue[Job | _RotateNow | _CheckShards | None] = queue.Queue()
         # Named after the thread that makes it: in a node daemon that is the run dir, so a
         # persist's log lines name their run.
@@ -187,7 +188,15 @@ class Persister:
 
     def _check_shards(self) -> None:
         self._checking.clear()
-        for capture, quiet_s in self.store.shard_captures():
+        waiting = self.store.shard_captures()
+        # A capture nothing was added to since the last look cannot have become whole: only its
+        # timeout is checked (thousands of them must not cost a core every beat).
+        self._looked = {c: t for c, t in self._looked.items() if c in dict(waiting)}
+        for capture, newest in waiting:
+            quiet_s = max(0.0, time.time() - newest)
+            if self._looked.get(capture) == newest and quiet_s <= self.shard_timeout:
+                continue
+            self._looked[capture] = newest
             try:
                 record = self.store.commit_shards(capture)
                 if record is not None:
@@ -204,12 +213,15 @@ class Persister:
     def _abandon(self, capture: str, quiet_s: float, why: str = "") -> None:
         missing = self.store.missing_ranks(capture)
         self.store.abandon_shards(capture)
-        error = (
-            f"sharded capture {capture} was incomplete {quiet_s:.0f} s after its last part "
-            f"(ranks missing: {missing if missing is not None else 'unknown'}){why}; removed. "
-            "Is the daemon of every node running (ckptd status)?"
-        )
-        self._done(Outcome(None, error=error))
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (
+                f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+            )
+            what = f"ranks missing: {shown}; is the daemon of every node running (ckptd status)?"
+        else:
+            what = "its parts do not make one checkpoint"
+        late = f"{quiet_s:.0f} s after its last part"
+        self._done(Outcome(None, error=f"sharded capture {capture} not whole {late} ({what}){why}; removed"))
 
     def _persist(self, job: Job) -> CheckpointRecord | None:
         if job.ack.sharded:
@@ -226,18 +238,13 @@ class Persister:
         """One rank's part of a sharded capture into the store's shared directory; then, if
         it was the last one missing, the commit. None: other ranks' parts are still missing."""
         ack = job.ack
-        committed = self._capture_committed(ack.capture)
+        committed = committed_capture(self.store, ack.capture)
         if committed is None:
             store_part(self.store, job, slot_dir(self.staging, self.paths, ack.slot), self._manifest(job))
             committed = self.store.commit_shards(ack.capture)
         job.ack_path.unlink(missing_ok=True)
         return committed
 
-    def _capture_committed(self, capture: str) -> CheckpointRecord | None:
-        for record in reversed(self.store.list()):
-            if self.store.manifest(record.name).get("capture") == capture:
-                return record
-        return None
 
     def _copy_and_commit(self, job: Job) -> CheckpointRecord:
         ack = job.ack
@@ -301,6 +308,14 @@ def check_slot(ack: Ack, slot: Path) -> None:
     """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
     not shorter than the ack says, not overwritten by another writer."""
     for folder in (slot.parent, slot):
+        if not folder.exists() and not folder.is_symlink():
+            elsewhere = (
+                ", or the rank that wrote it runs on another node with the same node id (give "
+                "each node its own CKPTD_NODE_ID)"
+                if ack.sharded
+                else ""
+            )
+            raise SlotLost(f"{folder} does not exist here: shared memory cleared (a reboot?){elsewhere}")
         if folder.is_symlink() or not folder.is_dir():
             raise SlotLost(f"{folder} is not a plain directory (a symlink?); refusing to read it")
     for name, nbytes in ack.files.items():
@@ -318,6 +333,14 @@ def check_slot(ack: Ack, slot: Path) -> None:
         raise SlotLost(f"slot {slot} holds another capture than ack {ack.name} (token mismatch)")
 
 
+def committed_capture(store: Store, capture: str) -> CheckpointRecord | None:
+    """The committed checkpoint of a sharded capture, if there is one (its manifest names it)."""
+    for record in reversed(store.list()):
+        if store.manifest(record.name).get("capture") == capture:
+            return record
+    return None
+
+
 def store_part(store: Store, job: Job, slot: Path, manifest: Mapping[str, object]) -> None:
     """One rank's files of a sharded capture into ``store``'s shared directory, then its marker.
     Used by the leader's persister and by a follower node's daemon alike; a part already
@@ -326,6 +349,8 @@ def store_part(store: Store, job: Job, slot: Path, manifest: Mapping[str, object
     assert ack.rank is not None and ack.world_size is not None
     if store.rank_stored(ack.capture, ack.rank):
         return
+    if not store.shard_dir(ack.capture).exists() and committed_capture(store, ack.capture):
+        return  # stored and committed before a restart: writing it again would start it anew
     check_slot(ack, slot)
     with store.writing_rank(ack.capture, ack.captured_step, sorted(ack.files)) as pending:
         biggest_first = sorted(ack.files.items(), key=lambda item: -item[1])
