@@ -1550,6 +1550,8 @@ def _manifest_bytes(store: Store, name: str) -> int:
 
 
 def _add_plot(commands: Any) -> None:
+    from ckptd.plot import MAX_LISTED_SAVES, MAX_PANELS
+
     plot = _query(
         commands,
         "plot",
@@ -1560,21 +1562,27 @@ def _add_plot(commands: Any) -> None:
         "manifests when the log is gone. Marks every retained checkpoint (best, periodic, other), the "
         "best eval, and where a save every --save-steps (default: the daemon's --every-steps) alone "
         "would have landed. Colour only on a terminal.",
-        "the series and markers as a JSON object",
+        "the series and markers as a JSON object (ignores --width); non-finite values are the "
+        'strings "nan", "inf", "-inf"; per panel, save_steps is the schedule, would_save its first '
+        f"{MAX_LISTED_SAVES} steps within the plotted range, would_save_count how many in all",
         _exit_codes(
             ok="drawn",
-            empty="nothing to plot: no eval in the log and no checkpoint",
+            empty="nothing to plot: no eval in the log and no checkpoint, or no value of --metric",
             usage=_USAGE + "; --png without matplotlib (pip install 'ckptd[plot]')",
             store=_STORE,
         ),
     )
     _add_store_option(plot)
-    plot.add_argument("--metric", help="METRIC[:min|max]: one panel (default: one per criterion)")
-    plot.add_argument("--png", metavar="FILE", help="also write a PNG image (needs matplotlib)")
+    plot.add_argument(
+        "--metric", help=f"METRIC[:min|max]: one panel (default: one per criterion, at most {MAX_PANELS})"
+    )
+    plot.add_argument("--png", metavar="FILE.png", help="also write a PNG image (needs matplotlib)")
     plot.add_argument(
         "--png-size", default="1000x400", metavar="WxH", help="the PNG's size in pixels (1000x400)"
     )
-    plot.add_argument("--width", type=int, metavar="N", help="columns (default: the terminal's width)")
+    plot.add_argument(
+        "--width", type=int, metavar="N", help="columns, 30 to 1000 (default: the terminal's width)"
+    )
     plot.add_argument(
         "--save-steps", type=int, metavar="S", help="mark a save every S steps (default: the daemon's)"
     )
@@ -1584,33 +1592,44 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     import shutil
 
     from ckptd import plot
+    from ckptd.text import printable
 
-    width = args.width or shutil.get_terminal_size().columns
-    if width < plot.MIN_WIDTH:
-        raise ConfigError(f"--width must be at least {plot.MIN_WIDTH}, not {width}")
+    if not args.run_dir:
+        raise ConfigError("RUN_DIR must not be empty")
+    # JSON has no width; a narrow terminal gets the narrowest picture, only a --width is refused.
+    width = 0 if args.json else plot.text_width(args.width, shutil.get_terminal_size().columns)
     if args.save_steps is not None and args.save_steps < 1:
         raise ConfigError(f"--save-steps must be >= 1, not {args.save_steps}")
     size = _png_size(args.png_size)
+    png = None if args.png is None else plot.png_path(args.png)
     data = plot.load_plot(_run_dir(args), _store_for(args), metric=args.metric, save_steps=args.save_steps)
-    if data.empty:
-        print(f"ckptd: nothing to plot in {args.run_dir}: no eval in the log, no checkpoint", file=sys.stderr)
+    if data.empty or data.missing:
+        print("\n".join(plot.empty_message(data, args.run_dir)), file=sys.stderr)
         if args.json:
-            print(json.dumps(plot.to_json(data), indent=1))
+            print(json.dumps(plot.to_json(data), indent=1, allow_nan=False))
         return EXIT_EMPTY
-    if args.png:
+    if png is not None:
         try:
-            plot.write_png(data, Path(args.png), size)
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"{plot.PNG_HINT} ({exc})") from exc
+            plot.write_png(data, png, size)
+        except ImportError as exc:  # missing, or there but broken (a bad .so)
+            raise ConfigError(f"{plot.PNG_HINT} ({printable(exc)})") from exc
     if args.json:
-        print(json.dumps(plot.to_json(data), indent=1))
+        print(json.dumps(plot.to_json(data), indent=1, allow_nan=False))
     else:
         print("\n".join(plot.render_all(data, width, colour=sys.stdout.isatty())))
     return EXIT_OK
 
 
 def _png_size(text: str) -> tuple[int, int]:
-    width, _, height = text.lower().partition("x")
-    if not all(side.isdigit() and 100 <= int(side) <= 10000 for side in (width, height)):
-        raise ConfigError(f"--png-size must be WIDTHxHEIGHT in pixels, 100 to 10000 each, not {text!r}")
-    return int(width), int(height)
+    import re
+
+    from ckptd.text import printable
+
+    # fullmatch and [0-9]: isdigit() takes "²", and "$" lets a trailing newline through.
+    found = re.fullmatch(r"([0-9]+)x([0-9]+)", text, re.IGNORECASE)
+    sides = (int(found[1]), int(found[2])) if found else (0, 0)
+    if not all(100 <= side <= 10000 for side in sides):
+        raise ConfigError(
+            f"--png-size must be WIDTHxHEIGHT in pixels, 100 to 10000 each, not {printable(repr(text))}"
+        )
+    return sides

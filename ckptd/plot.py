@@ -8,25 +8,48 @@ schedule (``every_steps``) from status.json, control.json or the settings. The r
 ``render_text`` turns one ``Panel`` into lines of braille and box characters, ``to_json``
 into a document for scripts, and ``write_png`` draws the panels with matplotlib (an optional
 extra, imported lazily with the Agg backend).
+
+The inputs are untrusted and may be huge, so the drawing is bounded by what is drawn, not by
+what was read: ``PlotData`` keeps names and paths as found, and every one shown on a terminal
+or in the PNG goes through ``ckptd.text.printable`` (an escape sequence in a metric name must
+not reach the terminal); a series is thinned to its dot (or pixel) columns before drawing;
+the saves "every S steps" are counted and placed by arithmetic, never listed in full (one
+bogus step of 1e18 would make billions); at most ``MAX_PANELS`` criteria are drawn; value
+scales are computed with halves so that values near ±1e308 cannot overflow.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+import os
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
 from ckptd import settings
-from ckptd.errors import CkptdError
+from ckptd.errors import CkptdError, ConfigError
 from ckptd.protocol import STATUS_MAX_BYTES, RunPaths, read_small_json, read_status
 from ckptd.records import CheckpointRecord, Criterion, LogEvent, Mode
 from ckptd.store import Store
+from ckptd.text import printable
 
 Kind = Literal["best", "periodic", "kept"]
 PLOT_ROWS = 10
 MIN_WIDTH = 30
+MAX_WIDTH = 1000  # columns; wider would only build huge lines of blanks
+MAX_PANELS = 12  # criteria drawn without --metric: thousands hung matplotlib and flood a terminal
+MAX_LISTED_SAVES = 1000  # would-be save steps listed in JSON and drawn as lines in the PNG
+_MAX_NAMED = 20  # metric names a note or message lists before "and N more"
+_PNG_TEXT = 80  # characters of a metric name in the PNG's title and axis label
+_PNG_BIG = 1e100  # beyond this the PNG's values are scaled: matplotlib's tick arithmetic overflows
+_LANE_NAME = len("saves")  # the y-label margin holds at least the lanes' names
 _MAX_READS = 1_000_000  # stretches of a log read; a guard, never reached by a real log
 PNG_HINT = "--png needs matplotlib: pip install 'ckptd[plot]'"
 
@@ -35,6 +58,9 @@ BEST_EVAL, KEPT_BEST, KEPT_PERIODIC, KEPT_OTHER, WOULD_SAVE = "★", "◆", "●
 _COLOURS = {BEST_EVAL: "1;33", KEPT_BEST: "1;32", KEPT_PERIODIC: "34", KEPT_OTHER: "36", WOULD_SAVE: "2"}
 _GLYPH = {"best": KEPT_BEST, "periodic": KEPT_PERIODIC, "kept": KEPT_OTHER}
 _PRIORITY = {"best": 0, "periodic": 1, "kept": 2}
+_KIND_LABEL = {"best": "kept best", "periodic": "kept periodic", "kept": "kept other"}
+
+Point = tuple[int, float]
 
 
 @dataclass(frozen=True)
@@ -54,25 +80,54 @@ class Panel:
 
     metric: str
     mode: Mode
-    series: tuple[tuple[int, float], ...]
+    series: tuple[Point, ...]
     checkpoints: tuple[Checkpoint, ...] = ()
     every_steps: int | None = None
 
-    @property
-    def best_eval(self) -> tuple[int, float] | None:
-        """The best (step, value) of the series; the earliest on a tie, as the daemon judges."""
-        if not self.series:
+    @functools.cached_property
+    def best_eval(self) -> Point | None:
+        """The best (step, value) of the series; the earliest on a tie, as the daemon judges.
+        Cached: a long series is scanned once, not once per use."""
+        finite = _finite_series(self.series)
+        if not finite:
             return None
         pick = min if self.mode == "min" else max
-        return pick(self.series, key=lambda point: point[1])
+        return pick(finite, key=itemgetter(1))
 
-    def would_save(self) -> list[int]:
-        """Steps within the plotted range where a save every ``every_steps`` alone would land."""
-        steps = self.steps()
-        if not self.every_steps or not steps:
+    @property
+    def has_value(self) -> bool:
+        """Whether the metric has a finite value anywhere: in the series or a checkpoint's metrics."""
+        return bool(self.best_eval) or any(_finite(c.value) for c in self.checkpoints)
+
+    def step_span(self) -> tuple[int, int] | None:
+        """The first and last step plotted (series and checkpoints), or None when there is none."""
+        ends = [self.series[0][0], self.series[-1][0]] if self.series else []
+        ends += [c.step for c in self.checkpoints]
+        return (min(ends), max(ends)) if ends else None
+
+    def saves(self) -> tuple[int, int, int] | None:
+        """Where a save every ``every_steps`` alone would land within the plotted steps, as
+        (first step, every, count): arithmetic, so a bogus step of 1e18 costs nothing."""
+        span = self.step_span()
+        if not self.every_steps or span is None:
+            return None
+        every = self.every_steps
+        first = -(-max(span[0], 1) // every) * every
+        count = (span[1] - first) // every + 1
+        return (first, every, count) if count > 0 else None
+
+    def save_count(self) -> int:
+        """How many saves every ``every_steps`` alone would make within the plotted steps."""
+        saves = self.saves()
+        return saves[2] if saves else 0
+
+    def would_save(self, limit: int = MAX_LISTED_SAVES) -> list[int]:
+        """The first ``limit`` steps where a save every ``every_steps`` alone would land."""
+        saves = self.saves()
+        if saves is None:
             return []
-        first = -(-max(min(steps), 1) // self.every_steps) * self.every_steps
-        return list(range(first, max(steps) + 1, self.every_steps))
+        first, every, count = saves
+        return [first + index * every for index in range(min(count, limit))]
 
     def steps(self) -> list[int]:
         return [s for s, _ in self.series] + [c.step for c in self.checkpoints]
@@ -80,7 +135,8 @@ class Panel:
 
 @dataclass(frozen=True)
 class PlotData:
-    """Everything ``ckptd plot`` shows of one run."""
+    """Everything ``ckptd plot`` shows of one run. Names, paths and notes are kept as found
+    (JSON escapes them itself); whatever shows them on a terminal passes them through ``printable``."""
 
     run_dir: Path
     source: str  # "log" or "manifests"
@@ -89,10 +145,54 @@ class PlotData:
     every_steps: int | None
     panels: tuple[Panel, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    missing: str | None = None  # why the panel --metric asked for is empty, naming the metrics there are
 
     @property
     def empty(self) -> bool:
         return not any(p.series or p.checkpoints for p in self.panels)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _names(names: Sequence[str]) -> str:
+    """A bounded list of names: a log may hold thousands."""
+    shown = ", ".join(names[:_MAX_NAMED])
+    return shown + (f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else "")
+
+
+# -- the command line's checks --------------------------------------------------------------------
+
+
+def text_width(given: int | None, terminal: int) -> int:
+    """Columns to draw in: ``--width`` as given (else a ``ConfigError``), or the terminal's,
+    clamped to what the picture needs rather than refused: the user did not ask for it."""
+    if given is None:
+        return min(max(terminal, MIN_WIDTH), MAX_WIDTH)
+    if not MIN_WIDTH <= given <= MAX_WIDTH:
+        raise ConfigError(f"--width must be {MIN_WIDTH} to {MAX_WIDTH}, not {given}")
+    return given
+
+
+def png_path(text: str) -> Path:
+    """``--png FILE`` checked before anything is read: a ``.png`` name in an existing folder."""
+    path = Path(text)
+    if not text:
+        raise ConfigError("--png needs a file name, not ''")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--png {printable(text)}: the file name must end in .png")
+    if path.is_dir():
+        raise ConfigError(f"--png {printable(text)} is a directory")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--png {printable(text)}: folder {printable(path.parent)} does not exist")
+    return path
+
+
+def empty_message(data: PlotData, run_dir: object) -> list[str]:
+    """What ``ckptd plot`` says on stderr when there is nothing to draw, with the notes saying why."""
+    head = data.missing or f"nothing to plot in {run_dir}: no eval in the log, no checkpoint"
+    return [f"ckptd: {printable(head)}", *(f"ckptd: note: {printable(note)}" for note in data.notes)]
 
 
 # -- gathering ----------------------------------------------------------------------------------
@@ -124,21 +224,50 @@ def _run_settings(run_dir: Path) -> _Settings:
 def load_plot(
     run_dir: Path, store: Store, *, metric: str | None = None, save_steps: int | None = None
 ) -> PlotData:
-    """Read what ``ckptd plot`` shows. ``metric``: ``M[:MODE]``, one panel; else one per criterion."""
+    """Read what ``ckptd plot`` shows. ``metric``: ``M[:MODE]``, one panel; else one per
+    criterion, the first ``MAX_PANELS`` of them (a note says how many were left out)."""
     paths = RunPaths(run_dir)
     status = read_status(paths)
     own = _run_settings(run_dir)
     records = store.list()
     criteria = _criteria(metric, status, _state(paths), own, store, records)
+    notes = _left_out(criteria)
+    criteria = criteria[:MAX_PANELS]
     every = save_steps or _every_steps(status, paths) or own.every_steps
     log, log_format = _log_of(status, own, run_dir)
-    events, log_format, notes = _read_log(log, log_format, [c.metric for c in criteria], own)
+    events, log_format, read_notes = _read_log(log, log_format, [c.metric for c in criteria], own)
+    notes += read_notes
     source = "log"
     if not any(c.metric in e.metrics for e in events for c in criteria):
         source, events = "manifests", [LogEvent(r.step, r.metrics) for r in records]
-        notes.append(f"no {', '.join(c.metric for c in criteria)} in {log}: the series is the manifests'")
+        notes.append(f"no {_names([c.metric for c in criteria])} in {log}: the series is the manifests'")
     panels = tuple(_panel(c, events, records, every) for c in criteria)
-    return PlotData(run_dir, source, str(log), log_format, every, panels, tuple(notes))
+    missing = None
+    if metric and not panels[0].has_value:
+        missing = _missing(panels[0].metric, log, log_format, own, records)
+    return PlotData(run_dir, source, str(log), log_format, every, panels, tuple(notes), missing)
+
+
+def _left_out(criteria: Sequence[Criterion]) -> list[str]:
+    if len(criteria) <= MAX_PANELS:
+        return []
+    rest = [c.metric for c in criteria[MAX_PANELS:]]
+    return [
+        f"{len(criteria)} criteria: drawing the first {MAX_PANELS}, {len(rest)} left out "
+        f"({_names(rest)}); --metric draws any one"
+    ]
+
+
+def _missing(
+    metric: str, log: Path, log_format: str, own: _Settings, records: Sequence[CheckpointRecord]
+) -> str:
+    """Why ``--metric`` found nothing, and what it could have asked for: the log is read again
+    for every metric (the first read kept only lines naming the one asked for)."""
+    known = {name for record in records for name in record.metrics}
+    events, _, _ = _read_log(log, log_format, (), own)
+    known.update(name for event in events for name in event.metrics)
+    there = f"metrics there: {_names(sorted(known))}" if known else "no metric there at all"
+    return f"no value of {metric} in {log} nor in any checkpoint's manifest; {there}"
 
 
 def _criteria(
@@ -156,7 +285,7 @@ def _criteria(
         try:
             given = Criterion.parse(spec)
         except ValueError as exc:
-            raise CkptdError(f"--metric: {exc}") from exc
+            raise CkptdError(f"--metric: {printable(exc)}") from exc
         typed = spec.partition(":")[2].strip()
         return [Criterion(given.metric, given.mode if typed else recorded.get(given.metric, given.mode))]
     return [Criterion(m, mode) for m, mode in (recorded or {"eval_loss": "min"}).items()]
@@ -275,7 +404,10 @@ def _checkpoint(record: CheckpointRecord, metric: str, by_step: Mapping[int, flo
 
 
 def to_json(data: PlotData) -> dict[str, Any]:
-    """The series and markers, for scripts."""
+    """The series and markers, for scripts. Non-finite values are the strings "nan", "inf" and
+    "-inf" (as in ``ckptd ls --json``): JSON has no NaN. Per panel, ``save_steps`` is the
+    schedule, ``would_save`` the first ``MAX_LISTED_SAVES`` steps it would save at within the
+    plotted range and ``would_save_count`` how many there are in all."""
     return {
         "run_dir": str(data.run_dir),
         "source": data.source,
@@ -292,14 +424,26 @@ def _panel_json(panel: Panel) -> dict[str, Any]:
     return {
         "metric": panel.metric,
         "mode": panel.mode,
-        "series": [[s, v] for s, v in panel.series],
+        "series": [[s, _json_number(v)] for s, v in panel.series],
         "best_eval": None if best is None else {"step": best[0], "value": best[1]},
         "checkpoints": [
-            {"name": c.name, "step": c.step, "value": c.value, "kind": c.kind, "tags": list(c.tags)}
+            {
+                "name": c.name,
+                "step": c.step,
+                "value": None if c.value is None else _json_number(c.value),
+                "kind": c.kind,
+                "tags": list(c.tags),
+            }
             for c in panel.checkpoints
         ],
+        "save_steps": panel.every_steps,
         "would_save": panel.would_save(),
+        "would_save_count": panel.save_count(),
     }
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else repr(value)
 
 
 # -- the terminal --------------------------------------------------------------------------------
@@ -324,8 +468,9 @@ class _Axes:
         return self.dot_x(step) // 2
 
     def dot_y(self, value: float) -> int:
-        """Dots from the top: the highest value on row 0."""
-        share = (self.hi - value) / (self.hi - self.lo)
+        """Dots from the top: the highest value on row 0. In halves, as ``hi - lo`` overflows
+        for values near ±1e308; halving is exact, so the dots are those of the plain formula."""
+        share = (self.hi / 2 - value / 2) / (self.hi / 2 - self.lo / 2)
         return min(max(round(share * (4 * self.rows - 1)), 0), 4 * self.rows - 1)
 
 
@@ -335,15 +480,16 @@ def render_text(panel: Panel, width: int, *, colour: bool = False, rows: int = P
     the step labels and a legend."""
     if width < MIN_WIDTH:
         raise ValueError(f"width must be at least {MIN_WIDTH} columns, not {width}")
-    labels = _y_labels(panel)
-    margin = max(len(label) for label in labels) + 1
-    axes = _axes(panel, width - margin - 1, rows)
+    scale = _axes(panel, 1, rows)
+    labels = _y_labels(panel, scale)
+    margin = max(_LANE_NAME, *(len(label) for label in labels)) + 1
+    axes = replace(scale, cols=width - margin - 1)
     paint = _painter(colour)
     grid = _braille(panel.series, axes)
     best = panel.best_eval
     if best is not None:
         grid[axes.dot_y(best[1]) // 4][axes.column(best[0])] = paint(BEST_EVAL)
-    lines = [_title(panel)]
+    lines = _title(panel, width)
     lines += _with_labels(grid, labels, margin)
     lines.append(" " * margin + "└" + "─" * axes.cols)
     lines += _lanes(panel, axes, margin, paint)
@@ -353,24 +499,41 @@ def render_text(panel: Panel, width: int, *, colour: bool = False, rows: int = P
 
 
 def _axes(panel: Panel, cols: int, rows: int) -> _Axes:
-    steps = panel.steps() or [0]
-    values = [v for _, v in panel.series] or [c.value for c in panel.checkpoints if c.value is not None]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    if hi == lo:
-        lo, hi = lo - (abs(lo) or 1.0) / 2, hi + (abs(hi) or 1.0) / 2
-    return _Axes(min(steps), max(steps), lo, hi, cols, rows)
+    lo_step, hi_step = panel.step_span() or (0, 0)
+    lo, hi = _value_range(panel) or (0.0, 1.0)
+    return _Axes(lo_step, hi_step, lo, hi, cols, rows)
 
 
-def _y_labels(panel: Panel) -> list[str]:
-    """Top, middle and bottom values of the y axis."""
-    axes = _axes(panel, 1, PLOT_ROWS)
-    return [f"{v:.4g}" for v in (axes.hi, (axes.hi + axes.lo) / 2, axes.lo)]
+def _value_range(panel: Panel) -> tuple[float, float] | None:
+    """The finite values' range (the series', else the checkpoints'), widened when flat. A nan
+    or inf is left out (it would make every label nan): the lanes still show its checkpoint."""
+    values = list(map(itemgetter(1), _finite_series(panel.series)))
+    values = values or [c.value for c in panel.checkpoints if c.value is not None and math.isfinite(c.value)]
+    if not values:
+        return None
+    lo, hi = min(values), max(values)
+    if hi / 2 - lo / 2 <= 0:  # flat, or too close for the halves of dot_y to tell apart
+        pad = (abs(lo) or 1.0) / 2
+        lo, hi = lo - pad, hi + pad
+        if hi / 2 - lo / 2 <= 0:  # subnormal values: their half is no gap
+            lo, hi = lo - 0.5, hi + 0.5
+    return max(lo, -_FLOAT_MAX), min(hi, _FLOAT_MAX)  # a widened 1.7e308 would be inf
 
 
-def _braille(series: Sequence[tuple[int, float]], axes: _Axes) -> list[list[str]]:
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _y_labels(panel: Panel, axes: _Axes) -> list[str]:
+    """Top, middle and bottom values of the y axis; blank when there is no value to scale by."""
+    if not panel.has_value:
+        return ["", "", ""]
+    return [f"{v:.4g}" for v in (axes.hi, axes.hi / 2 + axes.lo / 2, axes.lo)]
+
+
+def _braille(series: Sequence[Point], axes: _Axes) -> list[list[str]]:
     """The series as a line of braille dots (2 x 4 per cell), consecutive points joined."""
     dots = [[0] * axes.cols for _ in range(axes.rows)]
-    points = [(axes.dot_x(s), axes.dot_y(v)) for s, v in series]
+    points = [(axes.dot_x(s), axes.dot_y(v)) for s, v in _thin(series, axes.dot_x)]
     for (x0, y0), (x1, y1) in zip(points, points[1:] or points, strict=False):
         for x, y in _segment(x0, y0, x1, y1):
             dots[y // 4][x // 2] |= _DOT_BITS[y % 4][x % 2]
@@ -378,6 +541,34 @@ def _braille(series: Sequence[tuple[int, float]], axes: _Axes) -> list[list[str]
 
 
 _DOT_BITS = ((0x01, 0x08), (0x02, 0x10), (0x04, 0x20), (0x40, 0x80))
+
+
+def _thin(series: Sequence[Point], key: Callable[[int], int]) -> list[Point]:
+    """At most four points per ``key`` of the step (a dot or pixel column, never decreasing
+    with the step): the first, lowest, highest and last, in their order. Joined, they draw
+    exactly what all the points would (within a column the line runs from the lowest to the
+    highest either way, and enters and leaves at the same points), so a spike stays and 4M evals
+    cost a bisection per column and C-speed min/max, not 4M segments drawn in Python."""
+    points = _finite_series(series)
+    values = list(map(itemgetter(1), points))
+    out: list[Point] = []
+    start = 0
+    while start < len(points):
+        column = key(points[start][0])
+        end = bisect.bisect_right(points, column, lo=start, key=lambda point: key(point[0]))
+        lowest = values.index(min(values[start:end]), start, end)
+        highest = values.index(max(values[start:end]), start, end)
+        out += [points[i] for i in sorted({start, lowest, highest, end - 1})]
+        start = end
+    return out
+
+
+def _finite_series(series: Sequence[Point]) -> Sequence[Point]:
+    """The points with a finite value: the series itself, checked at C speed, unless some is
+    not (``load_plot`` leaves none, a caller's own ``Panel`` might): they have no place on an axis."""
+    if all(map(math.isfinite, map(itemgetter(1), series))):
+        return series
+    return [point for point in series if math.isfinite(point[1])]
 
 
 def _segment(x0: int, y0: int, x1: int, y1: int) -> list[tuple[int, int]]:
@@ -399,17 +590,48 @@ def _with_labels(grid: list[list[str]], labels: list[str], margin: int) -> list[
 def _lanes(panel: Panel, axes: _Axes, margin: int, paint: Any) -> list[str]:
     """The would-be periodic saves, then the retained checkpoints, one marker per column."""
     lanes = []
-    saves = panel.would_save()
-    if saves:
+    columns = _save_columns(panel, axes)
+    if columns:
         lane = [" "] * axes.cols
-        for step in saves:
-            lane[axes.column(step)] = paint(WOULD_SAVE)
+        for column in columns:
+            lane[column] = paint(WOULD_SAVE)
         lanes.append(_lane("saves", lane, margin))
     kept = [" "] * axes.cols
     for c in sorted(panel.checkpoints, key=lambda c: _PRIORITY[c.kind], reverse=True):
         kept[axes.column(c.step)] = paint(_GLYPH[c.kind])
     lanes.append(_lane("kept", kept if panel.checkpoints else list("(none)"), margin))
     return lanes
+
+
+def _save_columns(panel: Panel, axes: _Axes) -> set[int]:
+    """The columns a would-be save lands in. From each, a bisection finds the first save in a
+    later column: O(columns x log saves) however many saves there are, never a list of them."""
+    saves = panel.saves()
+    if saves is None:
+        return set()
+    first, every, count = saves
+
+    def column(index: int) -> int:
+        return axes.column(first + index * every)
+
+    columns: set[int] = set()
+    index = 0
+    while index < count:
+        here = column(index)
+        columns.add(here)
+        index = _first_past(column, here, index + 1, count)
+    return columns
+
+
+def _first_past(column: Callable[[int], int], here: int, lo: int, hi: int) -> int:
+    """The least ``i`` in [lo, hi) with ``column(i) > here`` (``column`` never decreases), else ``hi``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if column(mid) > here:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _lane(name: str, cells: list[str], margin: int) -> str:
@@ -422,6 +644,8 @@ def _step_labels(axes: _Axes) -> str:
     middle = (axes.lo_step + axes.hi_step) // 2
     for step, align in ((axes.lo_step, "left"), (middle, "mid"), (axes.hi_step, "right")):
         text = str(step)
+        if len(text) > axes.cols:
+            continue  # a cut number would be a wrong one
         col = axes.column(step)
         start = col if align == "left" else col - len(text) // 2 if align == "mid" else col - len(text) + 1
         start = min(max(start, 0), axes.cols - len(text))
@@ -430,18 +654,24 @@ def _step_labels(axes: _Axes) -> str:
     return ("".join(line[: axes.cols])).rstrip()
 
 
-def _title(panel: Panel) -> str:
+def _title(panel: Panel, width: int) -> list[str]:
+    """One line, or more when it does not fit: the name (cut: it may be any length), then the rest."""
     best = panel.best_eval
     where = f"; best {best[1]:.6g} at step {best[0]}" if best else ""
-    return f"{panel.metric} ({panel.mode}), {len(panel.series)} evals{where}"
+    count = len(panel.series)
+    detail = f"({panel.mode}), {count} eval{'' if count == 1 else 's'}{where}"
+    name = printable(panel.metric)
+    if len(name) + 1 + len(detail) <= width:
+        return [f"{name} {detail}"]
+    return [_fit(name, width), *_wrapped(detail, width)]
 
 
 def _legend(panel: Panel, width: int, paint: Any) -> list[str]:
-    items = [f"{paint(BEST_EVAL)} best eval", f"{paint(KEPT_BEST)} kept best"]
-    items += [f"{paint(KEPT_PERIODIC)} kept periodic", f"{paint(KEPT_OTHER)} kept other"]
+    items = [(BEST_EVAL, "best eval"), (KEPT_BEST, "kept best")]
+    items += [(KEPT_PERIODIC, "kept periodic"), (KEPT_OTHER, "kept other")]
     if panel.every_steps:
-        items.append(f"{paint(WOULD_SAVE)} a save every {panel.every_steps} steps")
-    lines = _wrap(items, width)
+        items.append((WOULD_SAVE, f"a save every {panel.every_steps} steps"))
+    lines = _wrap([f"{paint(glyph)} {_fit(label, width - 2)}" for glyph, label in items], width)
     best = panel.best_eval
     if best is not None and panel.every_steps and best[0] % panel.every_steps:
         lines.append(
@@ -461,7 +691,14 @@ def _wrap(items: list[str], width: int) -> list[str]:
 
 
 def _fit(text: str, width: int) -> str:
+    """Cut to ``width`` characters, the last an ellipsis (``text`` is already printable)."""
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    """``text`` (already printable) on as many lines as it takes, the later ones indented:
+    a note is never cut, its end is often what matters (a path, a reason)."""
+    return textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False) or [""]
 
 
 def _visible(text: str) -> int:
@@ -485,13 +722,13 @@ def _painter(colour: bool) -> Any:
 
 
 def render_all(data: PlotData, width: int, *, colour: bool = False) -> list[str]:
-    """Every panel, a blank line between; what was read first."""
-    where = data.log if data.source == "log" else "the checkpoints' manifests"
-    fmt = f" ({data.log_format})" if data.source == "log" else ""
-    lines = [_fit(f"{data.run_dir}: read {where}{fmt}", width)]
+    """Every panel, a blank line between; what was read first, and the notes."""
+    where = printable(data.log) if data.source == "log" else "the checkpoints' manifests"
+    fmt = f" ({printable(data.log_format)})" if data.source == "log" else ""
+    lines = _wrapped(f"{printable(data.run_dir)}: read {where}{fmt}", width)
     for note in data.notes:
-        lines.append(_fit(f"note: {note}", width))
-    for panel in data.panels:
+        lines += _wrapped(f"note: {printable(note)}", width)
+    for panel in data.panels[:MAX_PANELS]:
         lines += ["", *render_text(panel, width, colour=colour)]
     return lines
 
@@ -500,46 +737,68 @@ def render_all(data: PlotData, width: int, *, colour: bool = False) -> list[str]
 
 
 def write_png(data: PlotData, path: Path, size: tuple[int, int], dpi: int = 100) -> None:
-    """The panels stacked in one image of exactly ``size`` pixels (width, height).
-    Raises ``ModuleNotFoundError`` without matplotlib (``PNG_HINT`` says what to install)."""
+    """The panels (at most ``MAX_PANELS``) stacked in one image of exactly ``size`` pixels
+    (width, height). Raises ``ImportError`` when matplotlib cannot be imported, missing or
+    broken (``PNG_HINT`` says what to install). Written beside ``path`` and renamed over it: a
+    reader never sees half an image, and a link at ``path`` is replaced, not written through."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = data.panels or (Panel("?", "min", ()),)
+    panels = data.panels[:MAX_PANELS] or (Panel("?", "min", ()),)
     fig, axes = plt.subplots(len(panels), 1, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
     try:
         for ax, panel in zip(axes[:, 0], panels, strict=True):
-            _draw_panel(ax, panel)
+            _draw_panel(ax, panel, size[0])
         fig.tight_layout()
-        fig.savefig(path, dpi=dpi, format="png")
+        _save_atomically(fig, path, dpi)
     finally:
         plt.close(fig)
 
 
-def _draw_panel(ax: Any, panel: Panel) -> None:
+def _save_atomically(fig: Any, path: Path, dpi: int) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".ckptd-plot-", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fig.savefig(out, dpi=dpi, format="png")
+        os.chmod(temp, 0o666 & ~_umask())  # as a plain write would make it, not mkstemp's 0600
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _draw_panel(ax: Any, panel: Panel, pixels: int) -> None:
+    scale = _png_scale(panel)
     if panel.series:
-        ax.plot([s for s, _ in panel.series], [v for _, v in panel.series], color="tab:gray", lw=1.2)
-    for step in panel.would_save():
-        ax.axvline(step, color="tab:gray", alpha=0.15, lw=0.8)
+        thin = _thin(panel.series, _pixel_key(panel, pixels))
+        ax.plot([s for s, _ in thin], [v / scale for _, v in thin], color="tab:gray", lw=1.2)
+    _draw_saves(ax, panel)
     styles = {"best": ("D", "tab:green"), "periodic": ("o", "tab:blue"), "kept": ("o", "tab:cyan")}
     for kind, (shape, colour) in styles.items():
-        marked = [c for c in panel.checkpoints if c.kind == kind and c.value is not None]
+        marked = [c for c in panel.checkpoints if c.kind == kind and _finite(c.value)]
         if marked:
             ax.scatter(
                 [c.step for c in marked],
-                [c.value for c in marked],
+                [(c.value or 0.0) / scale for c in marked],
                 marker=shape,
                 color=colour,
-                label=f"kept {kind}",
+                label=_KIND_LABEL[kind],
                 zorder=3,
             )
     best = panel.best_eval
     if best is not None:
         ax.scatter(
             [best[0]],
-            [best[1]],
+            [best[1] / scale],
             marker="*",
             s=160,
             color="gold",
@@ -547,9 +806,52 @@ def _draw_panel(ax: Any, panel: Panel) -> None:
             label=f"best eval (step {best[0]})",
             zorder=4,
         )
+    _label_panel(ax, panel, scale)
+
+
+def _label_panel(ax: Any, panel: Panel, scale: float) -> None:
+    name = _plain_text(panel.metric)
     ax.set_xlabel("step")
-    ax.set_ylabel(panel.metric)
+    ax.set_ylabel(name + (f" (×{scale:.0e})" if scale != 1.0 else ""))
     ax.set_title(
-        f"{panel.metric} ({panel.mode})" + (f", saves every {panel.every_steps}" if panel.every_steps else "")
+        f"{name} ({panel.mode})" + (f", saves every {panel.every_steps}" if panel.every_steps else "")
     )
-    ax.legend(loc="best", fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize="small")
+
+
+def _plain_text(text: str) -> str:
+    """Untrusted text as matplotlib shows it literally: printable, cut, and each ``$`` escaped,
+    since a pair of them starts mathtext (a bad formula raises, a good one renders as maths)."""
+    return _fit(printable(text), _PNG_TEXT).replace("$", r"\$")
+
+
+def _png_scale(panel: Panel) -> float:
+    """1, or the power of ten that brings values beyond ±1e100 near 1: matplotlib's tick and
+    margin arithmetic overflows near ±1e308 ("arange: cannot compute length")."""
+    values = list(map(abs, map(itemgetter(1), _finite_series(panel.series))))
+    values += [abs(c.value) for c in panel.checkpoints if c.value is not None and math.isfinite(c.value)]
+    biggest = max(values, default=0.0)
+    return 10.0 ** math.floor(math.log10(biggest)) if biggest > _PNG_BIG else 1.0
+
+
+def _pixel_key(panel: Panel, pixels: int) -> Callable[[int], int]:
+    """Two buckets per pixel column of the image: finer than matplotlib can draw."""
+    lo, hi = panel.step_span() or (0, 0)
+    span = max(hi - lo, 1)
+    return lambda step: round((step - lo) / span * 2 * pixels)
+
+
+def _draw_saves(ax: Any, panel: Panel) -> None:
+    """A faint line at each would-be save; beyond ``MAX_LISTED_SAVES`` they are denser than the
+    pixels, so a band over their range instead (and no list of them all)."""
+    saves = panel.saves()
+    if saves is None:
+        return
+    first, every, count = saves
+    if count <= MAX_LISTED_SAVES:
+        ax.vlines(
+            panel.would_save(), 0, 1, transform=ax.get_xaxis_transform(), color="tab:gray", alpha=0.15, lw=0.8
+        )
+    else:
+        ax.axvspan(first, first + (count - 1) * every, color="tab:gray", alpha=0.08, lw=0)
