@@ -197,15 +197,23 @@ def test_a_server_gone_mid_upload_is_retried_and_the_local_copy_is_held_until_it
     run.mkdir()
     url = f"s3://{bucket}/runs/d"
     daemon = daemons(run, "--metric", "loss", "--keep-last", "0", "--remote", url, "--remote-keep-last", "5")
-    server.stop()
+    # Two bests, 192 MiB each: the first upload takes seconds, and the server dies during it.
+    trainer = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run),
+         json.dumps([{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}]), "--mb", "192"],
+    )  # fmt: skip
     try:
-        scripted(run, [{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}])
+        wait_for(lambda: remote_report(run).get("uploading") is not None, timeout=60, what=daemon.log())
+        server.stop()
+        assert trainer.wait(timeout=120) == 0
         wait_for(lambda: bool(remote_report(run).get("last_error")), timeout=60, what=daemon.log())
         # The remote is down: nothing lost locally, both held (keep-last 0 would delete 100).
-        assert [r.step for r in Store(run / "checkpoints").list()] == [100, 200]
-        assert remote_report(run)["pending"]
-        assert json.loads(RunPaths(run).uploads.read_text())["pending"]
+        wait_for(lambda: [r.step for r in Store(run / "checkpoints").list()] == [100, 200], what=daemon.log())
+        assert remote_report(run)["pending"] == ["step-00000100", "step-00000200"]
+        assert json.loads(RunPaths(run).uploads.read_text())["pending"] == remote_report(run)["pending"]
     finally:
+        if trainer.poll() is None:
+            trainer.kill()
         server.start()
     import s3fs
 
@@ -290,3 +298,50 @@ def test_the_cli_shows_where_each_checkpoint_lives_and_pulls_and_verifies_remote
     assert not list(tmp_path.glob(".bad.pulling-*"))
     assert ckptd("pull", str(run), "step-00000999", "--to", str(tmp_path / "none")).returncode == 1
     assert daemon.stop() == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs: a real filesystem that fills up. Skipped where mounting is refused."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_local_disk_while_the_remote_is_down_is_said_in_status(
+    tmp_path: Path,
+    bucket: str,
+    daemons: Any,
+    shm_root: Path,
+    small_disk: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: every upload fails
+    run = tmp_path / "run"
+    run.mkdir()
+    daemon = daemons(run, "--metric", "loss", "--keep-last", "0", "--store", str(small_disk / "ckpt"),
+                     "--remote", f"s3://{bucket}/g")  # fmt: skip
+    evals = [{"step": 100 * (i + 1), "loss": 1.0 - 0.1 * i} for i in range(4)]  # 4 bests, 8 MiB each
+    scripted(run, evals, mb=8)
+    wait_for(lambda: "kept locally until uploaded" in str(read_status(RunPaths(run)).get("last_error")),
+             timeout=60, what=daemon.log())  # fmt: skip
+    out = ckptd("status", str(run)).stdout
+    assert "No space left on device" in out and "pending (kept locally until uploaded)" in out
+    kept = [r.step for r in Store(small_disk / "ckpt").list()]
+    assert kept and kept == sorted(kept) and 100 in kept  # held: nothing deleted to make room
+    assert daemon.stop(timeout=60) in (0, 1)
+
+
+def test_a_daemon_without_a_remote_imports_no_storage_backend() -> None:
+    code = (
+        "import sys, ckptd.daemon.run, ckptd.daemon.uploader, ckptd.remote, ckptd.cli;"
+        "print([m for m in ('fsspec', 's3fs', 'botocore', 'aiobotocore') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stderr
