@@ -720,7 +720,7 @@ def _cmd_best(args: argparse.Namespace) -> int:
 
 def _best_remote(args: argparse.Namespace) -> int:
     remote = _need_remote(args, _run_dir(args))
-    records = remote.list()
+    records = remote.list(_store_for(args).lineage())  # the best of this run, not of a neighbour
     best, criterion = _best_of(args, _store_for(args), records)
     if best is None:
         print(f"ckptd: no checkpoint with a finite {criterion.metric} on {remote.url}", file=sys.stderr)
@@ -832,6 +832,10 @@ def _print_remote(remote: object) -> None:
     )
     if remote.get("last_error"):
         print(f"            last error: {_shown(remote, 'last_error')}")
+    dropped = remote.get("not_uploaded")
+    for entry in dropped[-3:] if isinstance(dropped, list) else ():
+        if isinstance(entry, dict):
+            print(f"            not uploaded: {_shown(entry, 'name')}: {_shown(entry, 'why')}")
 
 
 def _print_followers(followers: object) -> None:
@@ -1052,7 +1056,8 @@ def _locations(args: argparse.Namespace, run_dir: Path, local: list[CheckpointRe
     except ValueError:
         pending = set()
     try:
-        remote_records = remote.list()
+        # Only this run's: a remote prefix shared with another run lists its checkpoints too.
+        remote_records = remote.list(_store_for(args).lineage())
         on_remote: set[str] | None = {r.name for r in remote_records}
     except RemoteError as exc:
         print(f"ckptd: cannot list {remote.url}: {exc.problem}", file=sys.stderr)
@@ -1100,7 +1105,8 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     if target.exists() or target.is_symlink():
         raise ConfigError(f"{target} exists; pull into a new directory")
     records = remote.list()
-    name = args.name or _remote_best_name(args, records)
+    mine = [r for r in records if r.run_id in _store_for(args).lineage()]
+    name = args.name or _remote_best_name(args, mine)
     if name is None or name not in {r.name for r in records}:
         print(f"ckptd: no checkpoint {name or '(best)'} on {remote.url}", file=sys.stderr)
         return EXIT_EMPTY

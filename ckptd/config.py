@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -221,8 +222,11 @@ def _check_min_delta(min_delta: float) -> None:
 
 
 def _check_remote(url: str | None, keep_last: int, keep_best: int | None, keep_every: int | None) -> None:
-    if url is not None and (not url.strip() or "\n" in url):
-        raise ConfigError(f"--remote needs a URL such as s3://bucket/runs/exp1, not {url!r}")
+    if url is not None and (not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://\S+", url) or len(url) > 4096):
+        # A bare path would be taken relative to wherever the daemon happens to run.
+        raise ConfigError(
+            f"--remote needs a URL such as s3://bucket/runs/exp1 or file:///abs/dir, not {url!r}"
+        )
     _require_count("--remote-keep-last", keep_last, 0)
     if keep_best is not None:
         _require_count("--remote-keep-best", keep_best, 1)  # the best is never deleted remotely either

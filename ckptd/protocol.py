@@ -572,8 +572,8 @@ def read_pending_uploads(paths: RunPaths) -> list[str]:
         data = read_small_json(paths.uploads, _UPLOADS_MAX_BYTES)
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as exc:
-        raise ProtocolError(paths.uploads, f"unreadable: {exc}") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ProtocolError(paths.uploads, f"unreadable: {type(exc).__name__}: {exc}") from exc
     names = Fields(paths.uploads, data).texts("pending")
     return [n for n in dict.fromkeys(names) if n.startswith("step-") and "/" not in n]
 

@@ -24,8 +24,12 @@ from ckptd.errors import CkptdError
 from ckptd.records import CheckpointRecord
 from ckptd.store import CHECKSUMS, MANIFEST, Store, record_from_manifest
 
-_NAME = re.compile(r"^step-\d{8,}(?:-\d+)?$")
+_NAME = re.compile(r"step-[0-9]{8,}(?:-[0-9]+)?")  # fullmatch: no trailing newline slips through
 _CHUNK = 8 << 20
+# s3fs sends a large file as parts, by default 50 MiB each, 10 at a time, and aiohttp copies each
+# part once more: about 1 GiB of the daemon's memory for a 1 GiB file (measured). 16 MiB parts,
+# 4 at a time, bound that to about 128 MiB.
+_S3_PARTS = {"chunksize": 16 << 20, "max_concurrency": 4}
 _MANIFEST_MAX_BYTES = 16 << 20
 Progress = Callable[[int], None]
 Problems = list[str]  # RemoteStore has a method called list: inside its body, list[...] is the method
@@ -60,15 +64,16 @@ class RemoteStore:
             raise RemoteError(url, "needs fsspec: pip install 'ckptd[remote]' (or ckptd[s3])") from None
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **dict(options or {}))
-        except (ImportError, ValueError) as exc:  # an unknown protocol, or its backend missing
+        except (ImportError, ValueError, TypeError) as exc:  # an unknown protocol or option, no backend
             raise RemoteError(url, f"cannot open: {exc}") from exc
         self.url = url
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self._local = bool({"file", "local"} & set(protocols))
+        self._put_options = _S3_PARTS if {"s3", "s3a"} & set(protocols) else {}
 
     def path(self, name: str, file: str = "") -> str:
-        if not _NAME.match(name) or "/" in file or file in ("..", "."):
+        if not _NAME.fullmatch(name) or "/" in file or file in ("..", "."):
             raise RemoteError(f"{self.url}/{name}/{file}", "not a checkpoint name or a plain file name")
         return posixpath.join(self.root, name, file) if file else posixpath.join(self.root, name)
 
@@ -86,7 +91,8 @@ class RemoteStore:
         for file, expected in files.items():
             target = self.path(name, file)
             source = store.path_of(name) / file
-            self._call("upload", target, functools.partial(self.fs.put_file, str(source), target))
+            put = functools.partial(self.fs.put_file, str(source), target, **self._put_options)
+            self._call("upload", target, put)
             self._check(target, expected)
             if progress is not None:
                 progress(int(expected["bytes"]))
@@ -104,8 +110,9 @@ class RemoteStore:
 
     # -- reading -------------------------------------------------------------------------------
 
-    def list(self) -> list[CheckpointRecord]:
-        """Checkpoints whose manifest is there, oldest step first (unreadable ones left out)."""
+    def list(self, lineage: frozenset[str] | None = None) -> list[CheckpointRecord]:
+        """Checkpoints whose manifest is there, oldest step first (unreadable ones left out);
+        with ``lineage``, only those of these run ids (a remote prefix may be shared)."""
         self.fs.invalidate_cache(self.root)
         try:
             entries = self._call("list", self.root, lambda: self.fs.ls(self.root, detail=False))
@@ -116,22 +123,36 @@ class RemoteStore:
         records = []
         for entry in entries:
             name = posixpath.basename(str(entry).rstrip("/"))
-            if not _NAME.match(name):
+            if not _NAME.fullmatch(name):
                 continue
             try:
-                records.append(record_from_manifest(name, self.manifest(name)))
-            except (RemoteError, ValueError):  # ValueError: the manifest lacks a valid field
-                continue  # no manifest (an upload cut short) or not one of ours
+                record = record_from_manifest(name, self.manifest(name))
+            except (OSError, ValueError, RecursionError):  # CorruptCheckpoint is an OSError
+                continue  # no manifest (an upload cut short), or one that is not ckptd's
+            if lineage is None or record.run_id in lineage:
+                records.append(record)
         return sorted(records, key=lambda r: (r.step, r.created, r.name))
 
+    def owner(self, name: str) -> str | None:
+        """The run id whose checkpoint ``name`` is on the remote (None: there is none)."""
+        try:
+            run_id = self.manifest(name).get("run_id")
+        except (RemoteError, RecursionError):
+            return None
+        return run_id if isinstance(run_id, str) else ""
+
     def manifest(self, name: str) -> dict[str, Any]:
+        """A remote manifest, read as untrusted: a regular object of bounded size (a 400 MB one,
+        a FIFO or /dev/zero behind a file:// link must not fill memory or hang)."""
         path = self.path(name, MANIFEST)
-        raw = self._call("read", path, lambda: self.fs.cat_file(path))
-        if len(raw) > _MANIFEST_MAX_BYTES:
-            raise RemoteError(path, "manifest too large")
+        info = self._call("read", path, lambda: self.fs.info(path))
+        size = info.get("size")
+        if info.get("type") != "file" or not isinstance(size, int) or size > _MANIFEST_MAX_BYTES:
+            raise RemoteError(path, f"not a manifest file of at most {_MANIFEST_MAX_BYTES} bytes")
+        raw = self._call("read", path, lambda: self.fs.cat_file(path, start=0, end=_MANIFEST_MAX_BYTES))
         try:
             document = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise RemoteError(path, "manifest is not valid JSON") from exc
         if not isinstance(document, dict):
             raise RemoteError(path, "manifest is not a JSON object")
@@ -185,7 +206,9 @@ class RemoteStore:
         if size != expected["bytes"]:
             raise RemoteError(path, f"{size} bytes read back, the manifest says {expected['bytes']}")
         if digest.hexdigest() != expected[algorithm]:
-            raise RemoteError(path, f"{algorithm} mismatch after upload")
+            raise RemoteError(
+                path, f"{algorithm} mismatch: the remote file is not the one the manifest names"
+            )
 
     def _call(self, action: str, path: str, operation: Callable[[], Any]) -> Any:
         """Run one backend call; whatever the backend raises becomes a RemoteError naming it."""
@@ -207,7 +230,7 @@ def _manifest_files(manifest: Mapping[str, Any], name: str) -> dict[str, Mapping
             and isinstance(entry.get("bytes"), int)
             and any(a in entry for a in CHECKSUMS)
         )
-        if not ok or "/" in file or file in (".", "..", MANIFEST):
+        if not ok or not file or "/" in file or file in (".", "..", MANIFEST):
             raise RemoteError(name, f"bad manifest entry {file!r}")
     return files
 

@@ -209,8 +209,10 @@ def test_a_server_gone_mid_upload_is_retried_and_the_local_copy_is_held_until_it
         wait_for(lambda: bool(remote_report(run).get("last_error")), timeout=60, what=daemon.log())
         # The remote is down: nothing lost locally, both held (keep-last 0 would delete 100).
         wait_for(lambda: [r.step for r in Store(run / "checkpoints").list()] == [100, 200], what=daemon.log())
-        assert remote_report(run)["pending"] == ["step-00000100", "step-00000200"]
-        assert json.loads(RunPaths(run).uploads.read_text())["pending"] == remote_report(run)["pending"]
+        assert sorted(remote_report(run)["pending"]) == ["step-00000100", "step-00000200"]
+        assert sorted(json.loads(RunPaths(run).uploads.read_text())["pending"]) == sorted(
+            remote_report(run)["pending"]
+        )
     finally:
         if trainer.poll() is None:
             trainer.kill()
@@ -345,3 +347,96 @@ def test_a_daemon_without_a_remote_imports_no_storage_backend() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+# -- the uploader on its own, against file:// remotes (hostile cases) -----------------------------
+
+
+def uploader_for(store: Store, url: str, run: Path, lineage: str = "r", keep_last: int = 5) -> Any:
+    from ckptd.daemon.uploader import Uploader
+    from ckptd.policy import best_plus_last
+
+    paths = RunPaths(run)
+    paths.meta.mkdir(parents=True, exist_ok=True)
+    return Uploader(
+        RemoteStore(url), store, paths, best_plus_last({}, keep_last),
+        lineage=frozenset({lineage}), best_steps=frozenset,
+    )  # fmt: skip
+
+
+def settle(uploader: Any, timeout: float = 30) -> None:
+    idle = lambda: uploader.held() == frozenset() and uploader.report()["uploading"] is None  # noqa: E731
+    wait_for(idle, timeout=timeout)
+
+
+def test_another_run_s_checkpoint_on_a_shared_remote_is_never_overwritten(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/remote"
+    first = Store(tmp_path / "a")
+    name = checkpoint(first, 300)
+    theirs = uploader_for(first, url, tmp_path / "run-a", lineage="r")
+    theirs.start()
+    theirs.offer(first.read(name))
+    settle(theirs)
+    theirs.stop()
+    before = RemoteStore(url).manifest(name)
+
+    second = Store(tmp_path / "b")
+    checkpoint(second, 300)
+    ours = uploader_for(second, url, tmp_path / "run-b", lineage="other-run", keep_last=0)
+    ours.start()
+    ours.offer(second.read(name))
+    wait_for(lambda: "another run's" in str(ours.report()["last_error"]))
+    ours.stop()
+    assert RemoteStore(url).manifest(name) == before and RemoteStore(url).verify(name) == []
+
+
+def test_lost_pending_uploads_are_found_again_and_nothing_leaves_the_disk_meanwhile(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    names = [checkpoint(store, step) for step in (100, 200, 300)]
+    run = tmp_path / "run"
+    (run / ".ckptd").mkdir(parents=True)
+    (run / ".ckptd" / "uploads.json").write_text('{"pending": [')  # damaged: nothing can be read
+    uploader = uploader_for(store, f"file://{tmp_path}/remote", run)
+    assert uploader.held() is None  # before the first listing, everything is held
+    uploader.start()
+    settle(uploader)
+    uploader.stop()
+    assert [r.name for r in RemoteStore(f"file://{tmp_path}/remote").list()] == names
+
+
+def test_a_checkpoint_corrupt_locally_is_dropped_and_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    names = [checkpoint(store, step) for step in (100, 200)]
+    data = store.path_of(names[0]) / "tensors.safetensors"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    uploader = uploader_for(store, f"file://{tmp_path}/remote", tmp_path / "run")
+    uploader.start()
+    settle(uploader, timeout=60)
+    uploader.stop()
+    assert [r.name for r in RemoteStore(f"file://{tmp_path}/remote").list()] == names[1:]
+    assert [d["name"] for d in uploader.report()["not_uploaded"]] == names[:1]
+    assert "corrupt locally" in uploader.report()["not_uploaded"][0]["why"]
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        b'{"format": 1, "step": 24, "tags": "notalist", "files": {}}',
+        b"[" * 200_000 + b"]" * 200_000,
+        b"not json",
+    ],
+)
+def test_a_planted_remote_manifest_is_left_out_and_stops_nothing(tmp_path: Path, planted: bytes) -> None:
+    remote_dir = tmp_path / "remote" / "step-00000024"
+    remote_dir.mkdir(parents=True)
+    (remote_dir / MANIFEST).write_bytes(planted)
+    (tmp_path / "remote" / "step-00000025\n").mkdir()  # a name with a newline is no checkpoint
+    store = Store(tmp_path / "store")
+    name = checkpoint(store, 100)
+    uploader = uploader_for(store, f"file://{tmp_path}/remote", tmp_path / "run")
+    uploader.start()
+    settle(uploader)
+    uploader.stop()
+    assert [r.name for r in RemoteStore(f"file://{tmp_path}/remote").list()] == [name]

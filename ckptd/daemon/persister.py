@@ -143,6 +143,8 @@ class Persister:
             records = [r for r in self.store.list() if r.run_id in self.lineage]
             best_steps = self._best_steps()
             held = self.uploader.held() if self.uploader is not None else frozenset()
+            if held is None:  # the uploader has not yet compared the store with the remote
+                return ()
             protected = [r.name for r in records if r.step in best_steps or r.name in held]
             doomed = plan_deletions(records, self.policy, protected)
             for record in doomed:

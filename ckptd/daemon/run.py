@@ -595,9 +595,10 @@ class RunDaemon:
         if outcome.error is not None:
             self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
             held = self._uploader.held() if self._uploader is not None else frozenset()
+            count = "every" if held is None else str(len(held))
             waiting = (
-                f"; {len(held)} checkpoint(s) kept locally until uploaded to {self.config.remote}"
-                if held
+                f"; {count} checkpoint(s) kept locally until uploaded to {self.config.remote}"
+                if held is None or held
                 else ""
             )
             self._error(

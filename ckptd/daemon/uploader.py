@@ -26,6 +26,7 @@ from ckptd.store import Store
 
 log = logging.getLogger("ckptd.daemon")
 
+_DROPPED_SHOWN = 10
 _BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
 
 
@@ -63,6 +64,8 @@ class Uploader:
         self._last_error: str | None = None
         self._last_upload: dict[str, Any] | None = None
         self._remote_records: list[CheckpointRecord] | None = None  # None: list again
+        self._dropped: list[dict[str, str]] = []  # the last checkpoints never to be uploaded, and why
+        self._reconciled = False  # the first listing of the remote has been compared with the store
         name = f"{threading.current_thread().name} uploader"
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
@@ -79,17 +82,19 @@ class Uploader:
         self._thread.join(timeout)
 
     def offer(self, record: CheckpointRecord) -> None:
-        """A checkpoint just committed: held locally from now on until the uploader decides."""
+        """A checkpoint just committed: held locally from now on until the uploader decides.
+        Never raises (it runs on the persister's thread, after the commit)."""
         with self._lock:
             if record.name not in self._pending:
                 self._pending.append(record.name)
-                self._save()
+                self._save_quietly()
             self._lock.notify_all()
 
-    def held(self) -> frozenset[str]:
-        """Local checkpoints that local retention must keep: not uploaded yet."""
+    def held(self) -> frozenset[str] | None:
+        """Local checkpoints that local retention must keep: not uploaded yet. None: all of
+        them, until the first remote listing has told what the remote lacks."""
         with self._lock:
-            return frozenset(self._pending)
+            return frozenset(self._pending) if self._reconciled else None
 
     def report(self) -> dict[str, Any]:
         with self._lock:
@@ -101,6 +106,7 @@ class Uploader:
                 "deleted": self._remote_deleted,
                 "last_upload": self._last_upload,
                 "last_error": self._last_error,
+                "not_uploaded": list(self._dropped),
             }
 
     # -- the thread ----------------------------------------------------------------------------
@@ -108,10 +114,14 @@ class Uploader:
     def _work(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            name = self._next()
-            if name is None:
-                continue
+            name = None
             try:
+                if not self._reconciled:
+                    self._reconcile()
+                    continue
+                name = self._next()
+                if name is None:
+                    continue
                 self._handle(name)
             except _Stopping:
                 log.info("upload of %s interrupted by the stop; it resumes at the next start", name)
@@ -119,7 +129,10 @@ class Uploader:
             except (RemoteError, StoreError, OSError, ValueError) as exc:
                 pause = _BACKOFF_S[min(failures, len(_BACKOFF_S) - 1)]
                 failures += 1
-                self._failed(f"uploading {name} to {self.remote.url} failed: {exc}; retried in {pause:.0f} s")
+                doing = f"uploading {name} to" if self._reconciled else "listing"
+                self._failed(f"{doing} {self.remote.url} failed: {exc}; retried in {pause:.0f} s")
+                if name is not None and self._reconciled:
+                    self._after_failure(name)
                 self._stopping.wait(pause)
             except Exception as exc:  # a dead thread would silently stop every upload
                 log.exception("unexpected error uploading %s", name)
@@ -127,6 +140,35 @@ class Uploader:
                 self._stopping.wait(_BACKOFF_S[-1])
             else:
                 failures = 0
+
+    def _reconcile(self) -> None:
+        """At start, before anything may leave the local store: every local checkpoint of this
+        run that the remote lacks is pending, whatever uploads.json said (it may be lost or
+        damaged). Until this listing succeeds, local retention keeps everything."""
+        on_remote = {r.name for r in self._remote()}
+        local = [r.name for r in self.store.list() if r.run_id in self.lineage]
+        with self._lock:
+            missing = [n for n in local if n not in on_remote and n not in self._pending]
+            self._pending.extend(missing)
+            self._save_quietly()
+            self._reconciled = True
+        if missing:
+            log.info("%d local checkpoint(s) not on %s: pending", len(missing), self.remote.url)
+        self._released()
+
+    def _after_failure(self, name: str) -> None:
+        """One checkpoint that fails must not stop the others: it goes to the back of the
+        queue; one whose local copy no longer verifies will never upload, and is dropped."""
+        with self._lock:
+            if name in self._pending:
+                self._pending.remove(name)
+                self._pending.append(name)
+        try:
+            problems = self.store.verify(name)
+        except (OSError, ValueError):
+            return
+        if problems:
+            self._drop(name, f"{name} is corrupt locally ({'; '.join(problems)[:300]}); not uploaded")
 
     def _next(self) -> str | None:
         with self._lock:
@@ -140,6 +182,15 @@ class Uploader:
             record = self.store.read(name)
         except FileNotFoundError:
             self._drop(name, f"{name} is gone from the local store before its upload; not uploaded")
+            return
+        owner = self.remote.owner(name)
+        if owner is not None and owner not in self.lineage:
+            # Overwriting it would destroy another run's checkpoint (its best, maybe).
+            self._drop(
+                name,
+                f"{self.remote.url} holds another run's {name} (run {owner!r}): not uploaded; "
+                "give each run its own --remote prefix",
+            )
             return
         if not self._wanted(record):
             self._drop(name, None)
@@ -180,7 +231,7 @@ class Uploader:
         return record.name in self.policy.preserve([*others, record])
 
     def _rotate_remote(self) -> None:
-        records = [r for r in self._remote() if r.run_id in self.lineage]
+        records = self._remote()
         best_steps = self._best_steps()
         protected = [r.name for r in records if r.step in best_steps]
         for doomed in plan_deletions(records, self.policy, protected):
@@ -190,17 +241,20 @@ class Uploader:
         self._remote_records = None
 
     def _remote(self) -> list[CheckpointRecord]:
+        """This run's checkpoints on the remote (a shared prefix's others never count)."""
         if self._remote_records is None:
-            self._remote_records = self.remote.list()
+            self._remote_records = self.remote.list(self.lineage)
         return self._remote_records
 
     def _drop(self, name: str, error: str | None) -> None:
         with self._lock:
             if name in self._pending:
                 self._pending.remove(name)
-                self._save()
+                self._save_quietly()
         if error is not None:
             self._failed(error)
+            with self._lock:
+                self._dropped = [*self._dropped, {"name": name, "why": error}][-_DROPPED_SHOWN:]
         self._released()
 
     def _failed(self, message: str) -> None:
@@ -208,8 +262,14 @@ class Uploader:
             self._last_error = message
         log.error("%s", message)
 
-    def _save(self) -> None:
-        atomic_write_json(self.paths.uploads, {"pending": self._pending}, durable=True)
+    def _save_quietly(self) -> None:
+        """Record the pending uploads; a failure is reported, not raised: the hold in memory
+        stands, and the listing at the next start finds what the remote lacks anyway."""
+        try:
+            atomic_write_json(self.paths.uploads, {"pending": self._pending}, durable=True)
+        except OSError as exc:
+            self._last_error = f"cannot record the pending uploads in {self.paths.uploads}: {exc}"
+            log.error("%s", self._last_error)
 
 
 def _load_pending(paths: RunPaths) -> list[str]:
