@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +117,35 @@ def node_roots(tmp_path: Path) -> Any:
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
-@pytest.mark.slow
-def test_an_fsdp2_job_keeps_the_exact_best_step_as_a_dcp_checkpoint_that_loads_anywhere(
-    tmp_path: Path, processes: Any, node_roots: list[Path]
-) -> None:
+@pytest.fixture(scope="module")
+def fsdp_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
+    """One two-rank FSDP2 job beside a daemon (every 100 steps, keep the last 1), run once for
+    the tests that read what it left: (the run dir, the environment of its "node")."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    shm = Path("/dev/shm") / f"ckptd-test-{os.getpid()}-{time.monotonic_ns()}-job"
+    shm.mkdir()
     run = tmp_path / "run"
     run.mkdir()
-    env = env_for("a", node_roots[0])
-    daemon = processes(run, env, "--every-steps", "100", "--keep-last", "1")
-    wait_for(lambda: daemon_alive(RunPaths(run)), what=f"heartbeat\n{daemon.log()}")
-    run_job("fsdp_train.py", "--run-dir", str(run), "--evals", SCRIPT, nproc=2, env=env)
-    assert daemon.stop() == 0, daemon.log()
+    env = env_for("a", shm)
+    daemon = Process(run, env, "--every-steps", "100", "--keep-last", "1")
+    try:
+        wait_for(lambda: daemon_alive(RunPaths(run)), what=f"heartbeat\n{daemon.log()}")
+        run_job("fsdp_train.py", "--run-dir", str(run), "--evals", SCRIPT, nproc=2, env=env)
+        assert daemon.stop() == 0, daemon.log()
+        yield run, env
+    finally:
+        daemon.kill()
+        subprocess.run(["rm", "-rf", str(shm)], check=False)
 
+
+@pytest.mark.slow
+def test_an_fsdp2_job_keeps_the_exact_best_step_as_a_dcp_checkpoint_that_loads_anywhere(
+    tmp_path: Path, fsdp_job: tuple[Path, dict[str, str]]
+) -> None:
+    run, env = fsdp_job
     store = Store(run / "checkpoints")
     kept = {m["step"]: m for m in manifests(store)}
-    assert sorted(kept) == [150, 200], daemon.log()  # the best, and the last periodic
+    assert sorted(kept) == [150, 200], kept  # the best, and the last periodic
     best = kept[150]
     assert "best:eval_loss" in best["tags"] and best["ranks"] == 2
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} == set(best["files"])
@@ -164,15 +179,9 @@ def test_an_fsdp2_job_keeps_the_exact_best_step_as_a_dcp_checkpoint_that_loads_a
 
 @pytest.mark.slow
 def test_a_job_resumed_from_the_last_snapshot_on_one_rank_continues_with_the_same_loss(
-    tmp_path: Path, processes: Any, node_roots: list[Path]
+    tmp_path: Path, fsdp_job: tuple[Path, dict[str, str]]
 ) -> None:
-    run = tmp_path / "run"
-    run.mkdir()
-    env = env_for("a", node_roots[0])
-    daemon = processes(run, env, "--every-steps", "100", "--keep-last", "1")
-    wait_for(lambda: daemon_alive(RunPaths(run)), what=f"heartbeat\n{daemon.log()}")
-    run_job("fsdp_train.py", "--run-dir", str(run), "--evals", SCRIPT, nproc=2, env=env)
-    assert daemon.stop() == 0, daemon.log()
+    run, env = fsdp_job
     last = max(Store(run / "checkpoints").list(), key=lambda r: r.step)
     assert last.step == 200 and "periodic" in last.tags
 
