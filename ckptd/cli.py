@@ -602,7 +602,9 @@ def _options_argv(actions: list[argparse.Action], args: argparse.Namespace) -> l
 
 def _sidecar_summary(run_dir: Path) -> None:
     """One screen on stderr (stdout is the command's): what is kept, the best's path, counts."""
-    query = argparse.Namespace(run_dir=str(run_dir), store=None, json=False, metric=None, mode=None)
+    query = argparse.Namespace(
+        run_dir=str(run_dir), store=None, json=False, metric=None, mode=None, remote=None
+    )
     store = _store_for(query)
     records = store.list()
     status = _saved_status(run_dir)

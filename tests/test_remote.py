@@ -197,10 +197,10 @@ def test_a_server_gone_mid_upload_is_retried_and_the_local_copy_is_held_until_it
     run.mkdir()
     url = f"s3://{bucket}/runs/d"
     daemon = daemons(run, "--metric", "loss", "--keep-last", "0", "--remote", url, "--remote-keep-last", "5")
-    # Two bests, 192 MiB each: the first upload takes seconds, and the server dies during it.
+    # Two bests, 64 MiB each: the first upload takes seconds, and the server dies during it.
     trainer = subprocess.Popen(
         [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run),
-         json.dumps([{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}]), "--mb", "192"],
+         json.dumps([{"step": 100, "loss": 0.9}, {"step": 200, "loss": 0.5}]), "--mb", "64"],
     )  # fmt: skip
     try:
         wait_for(lambda: remote_report(run).get("uploading") is not None, timeout=60, what=daemon.log())
@@ -236,7 +236,7 @@ def test_a_daemon_killed_mid_upload_resumes_it_and_never_dropped_the_local_copy(
     url = f"s3://{bucket}/runs/e"
     args = ("--metric", "loss", "--keep-last", "0", "--remote", url)
     daemon = daemons(run, *args)
-    scripted(run, [{"step": 100, "loss": 0.5}], mb=256)
+    scripted(run, [{"step": 100, "loss": 0.5}], mb=96)
     wait_for(lambda: remote_report(run).get("uploading") == "step-00000100", timeout=60, what=daemon.log())
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
