@@ -270,14 +270,20 @@ def test_ctrl_c_during_the_wait_leaves_the_next_step_waiting(
         copy_tensor(self, *args, **kwargs)
 
     monkeypatch.setattr(Slot, "copy_tensor", slow_copy)
+    # Ctrl-C as Python handles it by default: an earlier test in this process may have left a
+    # handler of its own on SIGINT (a daemon's request_stop), which raises nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     acked_before_step: list[bool] = []
     with CheckpointClient(run.run_dir, optimizer=optimizer) as client:
         optimizer.register_step_pre_hook(lambda *_: acked_before_step.append(bool(pending_ack_paths(run))))
         assert client.maybe_snapshot(EVERY, lambda: {"model": model.state_dict()})
         expected = {f"model/{k}": v.clone() for k, v in model.state_dict().items()}
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
-            optimizer.step()  # interrupted while it waits for the copy
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                optimizer.step()  # interrupted while it waits for the copy
+        finally:
+            signal.signal(signal.SIGINT, previous)
         optimizer.step()  # run again, as in a notebook: it must wait all the same
     assert acked_before_step == [True]
     got = staged(run, shm_root)[EVERY]
