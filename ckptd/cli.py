@@ -633,7 +633,7 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
     store = _store_for(args)
     records = store.list()
-    located = _locations(args, Path(args.run_dir), records)
+    located = _locations(args, Path(args.run_dir), records, store.lineage())
     where: dict[str, str] = {}
     if located is not None:
         records, where = located
@@ -1044,7 +1044,9 @@ def _where(name: str, local: set[str], remote: set[str] | None, pending: set[str
     return "uploading" if name in pending else "local"
 
 
-def _locations(args: argparse.Namespace, run_dir: Path, local: list[CheckpointRecord]) -> Any:
+def _locations(
+    args: argparse.Namespace, run_dir: Path, local: list[CheckpointRecord], lineage: frozenset[str]
+) -> Any:
     """(every record, remote-only ones included; name -> where) when the run has a remote,
     else None. A remote that cannot be listed is said on stderr; local ones stay listed."""
     from ckptd.protocol import read_pending_uploads
@@ -1059,7 +1061,7 @@ def _locations(args: argparse.Namespace, run_dir: Path, local: list[CheckpointRe
         pending = set()
     try:
         # Only this run's: a remote prefix shared with another run lists its checkpoints too.
-        remote_records = remote.list(_store_for(args).lineage())
+        remote_records = remote.list(lineage)
         on_remote: set[str] | None = {r.name for r in remote_records}
     except RemoteError as exc:
         print(f"ckptd: cannot list {remote.url}: {exc.problem}", file=sys.stderr)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["agree", "distributed", "is_leader"]
+__all__ = ["agree", "device", "distributed", "is_leader"]
 
 
 def distributed() -> bool:
@@ -35,12 +35,12 @@ def agree(decision: bool) -> bool:
     """
     if not distributed():
         return decision
-    flag = torch.tensor([1 if decision else 0], dtype=torch.uint8, device=_device())
+    flag = torch.tensor([1 if decision else 0], dtype=torch.uint8, device=device())
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item())
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
     """Where the default group's backend takes a tensor: CUDA for NCCL alone, else the CPU."""
     backend = str(torch.distributed.get_backend()).lower()
     if "nccl" in backend and "gloo" not in backend and "cpu" not in backend:

@@ -45,7 +45,7 @@ with torch_required():
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from ckptd.client.client import CheckpointClient
-from ckptd.client.collective import distributed
+from ckptd.client.collective import device, distributed
 
 __all__ = ["ShardedClient"]
 
@@ -313,8 +313,6 @@ def _everyone(ready: bool) -> bool:
     """Whether every rank is ready: one all-reduce of a flag (MIN)."""
     if not distributed():
         return ready
-    flag = torch.tensor([1 if ready else 0], dtype=torch.int32)
-    if "nccl" in str(dist.get_backend()).lower() and "gloo" not in str(dist.get_backend()).lower():
-        flag = flag.cuda()
+    flag = torch.tensor([1 if ready else 0], dtype=torch.int32, device=device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())

@@ -193,7 +193,8 @@ class Persister:
         waiting = self.store.shard_captures()
         # A capture nothing was added to since the last look cannot have become whole: only its
         # timeout is checked (thousands of them must not cost a core every beat).
-        self._looked = {c: t for c, t in self._looked.items() if c in dict(waiting)}
+        present = {capture for capture, _ in waiting}
+        self._looked = {c: t for c, t in self._looked.items() if c in present}
         for capture, newest in waiting:
             quiet_s = max(0.0, time.time() - newest)
             if self._looked.get(capture) == newest and quiet_s <= self.shard_timeout:
