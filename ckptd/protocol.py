@@ -193,14 +193,21 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
+_JSON_MAX_BYTES = 16 << 20  # control, acks, client.json: KiBs
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """Read a protocol JSON object; anything else is a ProtocolError naming the file."""
     try:
-        raw = path.read_bytes()
+        # Bounded, no FIFO waited on: an ack or client.json is the trainer's to write, and a
+        # FIFO, /dev/zero or a 100 GB file in its place must not hang or fill the daemon.
+        raw = read_small_file(path, _JSON_MAX_BYTES, follow=True)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise ProtocolError(path, f"cannot read: {exc.strerror}") from exc
+    except ValueError as exc:  # not a regular file, or too large
+        raise ProtocolError(path, str(exc).removeprefix(f"{path}: ")) from exc
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
@@ -534,6 +541,23 @@ def flock_held(path: Path) -> bool | None:
         return None
     device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
+
+
+def flock_holder(path: Path) -> int | None:
+    """The pid holding an flock on ``path``, from ``/proc/locks``; None when none does or it
+    cannot be told (no ``/proc/locks``, a holder outside this PID namespace shows as 0)."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
+            table = handle.read()
+    except OSError:
+        return None
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    for line in table.splitlines():
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <dev:ino> 0 EOF"; waiters have "->"
+        if fields[1:2] == ["FLOCK"] and fields[5:6] == [device] and fields[4].isdigit() and int(fields[4]):
+            return int(fields[4])
+    return None
 
 
 def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import posixpath
 import re
 from collections.abc import Callable, Mapping
@@ -75,7 +76,13 @@ class RemoteStore:
     def path(self, name: str, file: str = "") -> str:
         if not _NAME.fullmatch(name) or "/" in file or file in ("..", "."):
             raise RemoteError(f"{self.url}/{name}/{file}", "not a checkpoint name or a plain file name")
-        return posixpath.join(self.root, name, file) if file else posixpath.join(self.root, name)
+        directory = posixpath.join(self.root, name)
+        joined = posixpath.join(directory, file) if file else directory
+        # file:// only (object stores have no links): a link planted in the remote, a checkpoint
+        # dir or a file, would make an upload write, a rotation delete, a pull read outside it.
+        if self._local and (os.path.islink(directory) or os.path.islink(joined)):
+            raise RemoteError(joined, "is a symbolic link; refusing to go through it")
+        return joined
 
     # -- writing -------------------------------------------------------------------------------
 

@@ -42,7 +42,8 @@ _MAX_CONFIG_BYTES = 1 << 20
 
 
 def _is_str(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
+    # TOML may spell a NUL ("\u0000"): no path, metric or URL holds one, and os calls refuse it.
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
 
 
 def _is_count(value: object) -> bool:
@@ -62,7 +63,12 @@ def _is_delta(value: object) -> bool:
 
 
 def _is_finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past any float (TOML integers are unbounded): no number of seconds
+        return False
 
 
 def _is_strings(value: object) -> bool:
@@ -260,7 +266,7 @@ def _parse_env(variable: str, raw: str, key: Key) -> object:
         return [item.strip() for item in raw.split(",") if item.strip()]
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):  # RecursionError: "[[[[..." past the parser's stack
         return raw  # a bare word: a string (checked against the key next)
 
 

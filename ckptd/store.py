@@ -48,6 +48,7 @@ from ckptd.protocol import (
     is_plain_name,
     metrics_from_json,
     metrics_to_json,
+    read_small_file,
     read_small_json,
 )
 from ckptd.records import CheckpointRecord
@@ -60,6 +61,10 @@ TMP_PREFIX = ".tmp-"
 SHARD_PREFIX = ".shard-"
 _RANK_MARKER = re.compile(r"^\.rank-(\d{1,7})\.json$")
 _MARKER_MAX_BYTES = 4 << 20  # a rank's marker names its files: KiBs, never this
+# A manifest (a sharded one names every rank's files) is KiBs to MiBs: a FIFO, /dev/zero or a
+# 100 GB file planted as one must neither hang nor fill the daemon's (or ls's) memory.
+_MANIFEST_MAX_BYTES = 16 << 20
+_MAX_WORLD = 1 << 20  # as an ack may say (protocol.py): a marker's world is a range built in memory
 LOCK_NAME = ".ckptd-store.lock"
 OWNER_NAME = ".ckptd-store.json"
 OWNER_FORMAT = 1
@@ -140,7 +145,7 @@ class PendingCheckpoint:
         # The source is opened first: one that is missing or a link leaves no file behind.
         with (
             _open_regular(source) if source else nullcontext() as src,
-            target.open("xb", buffering=0) as dst,
+            open(target, "xb", buffering=0, opener=_new_file) as dst,
         ):
             _write_all(dst.fileno(), head)
             if src is not None and source is not None:
@@ -254,17 +259,19 @@ class Store:
 
     def ensure(self) -> None:
         with _doing("create the store", self.root):
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The lock every deleter holds (daemon retention, ``ckptd prune``)."""
-        return FileLock(str(self.root / LOCK_NAME), timeout=timeout)
+        return FileLock(str(self.root / LOCK_NAME), timeout=timeout, mode=_LOCK_MODE)
 
     def clean_temp(self) -> Names:
         """Remove what a crash left behind: temp directories are never a checkpoint."""
         removed = []
         for entry in self._entries():
-            if entry.name.startswith(TMP_PREFIX) and entry.is_dir() and not entry.is_symlink():
+            # The link test first: is_dir() follows a link, and one to a folder this user may
+            # not search (another user's run) raises PermissionError, which stopped the daemon.
+            if entry.name.startswith(TMP_PREFIX) and not entry.is_symlink() and entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry.name)
         return removed
@@ -295,7 +302,7 @@ class Store:
             "metrics": metrics_to_json(manifest.get("metrics", {})),
             "created": time.time(),
         }
-        with (pending.directory / MANIFEST).open("x") as handle:
+        with open(pending.directory / MANIFEST, "x", opener=_new_file) as handle:
             json.dump(document, handle, indent=1, sort_keys=True)
             handle.flush()
             os.fsync(handle.fileno())
@@ -338,7 +345,7 @@ class Store:
         self.ensure()
         directory = self.shard_dir(capture)
         with _doing("create the shard directory", directory):
-            directory.mkdir(exist_ok=True)
+            directory.mkdir(mode=_DIR_MODE, exist_ok=True)
             if directory.is_symlink() or not directory.is_dir():
                 raise StoreError(directory, "is not a plain directory; refusing to write into it")
             for name in names:
@@ -403,15 +410,18 @@ class Store:
         whole = _sharded_manifest(_rank_parts(directory, capture), capture)
         if whole is not None:
             document = whole
+            # Checked before the manifest is written: a capture that fails the check must not
+            # look fresh at every retry, or it would never reach --shard-timeout and be removed.
+            _check_gathered(directory, document)
             with _doing("write the manifest", directory):
                 atomic_write_json(directory / MANIFEST, document, durable=True)
         elif (directory / MANIFEST).is_file():
             document = self._manifest_at(directory)
+            _check_gathered(directory, document)
         else:
             return None
-        _check_gathered(directory, document)
-        for leftover in directory.iterdir():  # markers, and a manifest write cut short
-            if _RANK_MARKER.match(leftover.name) or leftover.name.startswith(f".{MANIFEST}."):
+        for leftover in directory.iterdir():  # markers, and writes of them cut short
+            if _RANK_MARKER.match(leftover.name) or _cut_short(leftover.name):
                 leftover.unlink()
         fsync_dir(directory)
         step = Fields(directory, document).count("step")
@@ -453,7 +463,7 @@ class Store:
 
         ``list`` leaves out what it cannot read; ``verify`` must account for exactly those.
         """
-        named = [e for e in self._entries() if _NAME.match(e.name) and e.is_dir() and not e.is_symlink()]
+        named = [e for e in self._entries() if _NAME.match(e.name) and not e.is_symlink() and e.is_dir()]
         return sorted((e.name for e in named), key=_name_order)
 
     def read(self, name: str) -> CheckpointRecord:
@@ -463,7 +473,7 @@ class Store:
         path = self.root / _plain(name) / MANIFEST
         try:
             with _doing("read the manifest", path):
-                raw = path.read_bytes()
+                raw = read_small_file(path, _MANIFEST_MAX_BYTES, follow=True)
             document = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's stack
             raise StoreError(path, f"manifest is not valid JSON ({type(exc).__name__})") from exc
@@ -565,7 +575,7 @@ class Store:
     def _read_owner(self) -> Fields | None:
         path = self.root / OWNER_NAME
         try:
-            owner = Fields(path, json.loads(path.read_bytes()))
+            owner = Fields(path, json.loads(read_small_file(path, _MARKER_MAX_BYTES, follow=True)))
             owner.texts("run_ids")
             owner.count("store_inode")
             return owner
@@ -603,17 +613,22 @@ def _rank_parts(directory: Path, capture: str) -> list[_RankPart]:
             continue
         try:
             parts.append(_rank_part(entry, int(found[1]), capture))
-        except (OSError, ValueError) as exc:  # ProtocolError is a ValueError
-            raise StoreError(entry, f"unreadable rank marker: {exc}") from exc
+        except (OSError, ValueError, RecursionError) as exc:  # ProtocolError is a ValueError
+            raise StoreError(entry, f"unreadable rank marker: {type(exc).__name__}: {exc}") from exc
     return parts
 
 
 def _rank_part(path: Path, rank: int, capture: str) -> _RankPart:
     fields = Fields(path, read_small_json(path, _MARKER_MAX_BYTES))
     world_size = fields.count("world_size")
+    if world_size > _MAX_WORLD:
+        raise ValueError(f"world_size {world_size} is more than {_MAX_WORLD} ranks")
     if fields.count("rank") != rank or not rank < world_size or fields.text("capture") != capture:
         raise ValueError("marker does not match its name, rank or capture")
     fields.count("step")
+    # Present, as objects: the commit reads them as they are (a null one is no "absent: empty").
+    if not isinstance(fields.data.get("files"), dict) or not isinstance(fields.data.get("manifest"), dict):
+        raise ValueError("marker lacks its files or its manifest object")
     for name, entry in fields.mapping("files").items():
         if not is_plain_name(name) or not isinstance(entry, dict):
             raise ValueError(f"bad file entry {name!r}")
@@ -641,10 +656,17 @@ def _check_gathered(directory: Path, document: Mapping[str, Any]) -> None:
         if e.name not in files
         and e.name != MANIFEST
         and not _RANK_MARKER.match(e.name)
-        and not e.name.startswith(f".{MANIFEST}.")  # an atomic write's temp file
+        and not _cut_short(e.name)
     ]
     if strays:
         raise StoreError(directory, f"holds files no rank's part names: {sorted(strays)[:5]}")
+
+
+def _cut_short(name: str) -> bool:
+    """A temp file of ``atomic_write_json`` (``.<name>.<random>.tmp``) writing the manifest or a
+    rank's marker: what a daemon killed mid-write leaves. A part's own files cannot be named so
+    (a slot's names start with a letter, a digit or ``_``, or are ``.metadata``)."""
+    return name.startswith((f".{MANIFEST}.", "..rank-"))
 
 
 def _sharded_manifest(parts: Sequence[_RankPart], capture: str) -> dict[str, Any] | None:
@@ -705,6 +727,15 @@ def _doing(action: str, path: Path) -> Iterator[None]:
         raise
     except OSError as exc:
         raise StoreError(path, exc.strerror or str(exc), action=action, code=exc.errno) from exc
+
+
+# What the store creates is never world-writable, whatever the umask (a daemon started under
+# umask 000 by a careless unit or container); group bits still follow the umask (shared groups).
+_DIR_MODE, _FILE_MODE, _LOCK_MODE = 0o775, 0o664, 0o644
+
+
+def _new_file(path: str, flags: int) -> int:
+    return os.open(path, flags, _FILE_MODE)
 
 
 def _is_plain(name: str) -> bool:

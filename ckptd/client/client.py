@@ -424,8 +424,11 @@ class CheckpointClient:
 
     def _prefault(self, staging: Path, nbytes: int, data_file: str) -> None:
         try:
-            # The syscalls and page faults run outside the GIL.
-            self._ready_slot([0], staging, nbytes, data_file)
+            # The syscalls and page faults run outside the GIL. A free slot only: preparing
+            # truncates, and a dead trainer's pending ack may still name slot 0.
+            free = self._free_slots()
+            if free:
+                self._ready_slot(free[:1], staging, nbytes, data_file)
         except (SnapshotError, OSError) as exc:
             log.warning("ckptd: could not prepare a staging slot: %s", exc)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptd.fields import Fields
-from ckptd.protocol import StandingVerdict, atomic_write_json
+from ckptd.protocol import StandingVerdict, atomic_write_json, read_small_file
 from ckptd.records import Best
 
 log = logging.getLogger("ckptd.daemon")
@@ -123,15 +123,17 @@ def bests_to_json(bests: Mapping[str, Best]) -> dict[str, dict[str, float]]:
     return {metric: {"step": best.step, "value": best.value} for metric, best in bests.items()}
 
 
+_STATE_MAX_BYTES = 16 << 20  # a state is KiBs (its cursor names a few files)
+
+
 def load_state(path: Path) -> DaemonState | None:
     """The saved state, or None. A corrupt file is set aside (never deleted) and reported."""
 
     try:
-        raw = path.read_bytes()
+        # Bounded, no FIFO waited on: a planted one (or /dev/zero) must not hang or fill the start.
+        return DaemonState.from_json(path, json.loads(read_small_file(path, _STATE_MAX_BYTES, follow=True)))
     except FileNotFoundError:
         return None
-    try:
-        return DaemonState.from_json(path, json.loads(raw))
     except (ValueError, RecursionError) as exc:  # ProtocolError and JSONDecodeError are ValueErrors
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         path.rename(aside)
