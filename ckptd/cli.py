@@ -4,7 +4,8 @@ Exit codes: 0 success; 1 nothing to show (no checkpoint for ``ls``/``verify``, n
 best one for ``best``, no live daemon for ``status``); 2 bad usage or configuration,
 found before anything is created; 3 another daemon already follows the run; 4 the
 store or a file in it could not be read or written; 5 ``verify`` found a checkpoint
-whose manifest is unreadable or whose files do not match it.
+whose manifest is unreadable or whose files do not match it; 6 ``run`` (and ``sidecar``, when
+CMD succeeded) stopped with acknowledged captures not persisted.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from ckptd.store import MANIFEST, Store
 from ckptd.text import printable
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE, EXIT_CORRUPT = 0, 1, 2, 3, 4, 5
+EXIT_UNPERSISTED = 6  # ckptd.daemon.run.EXIT_UNPERSISTED (not imported here: the daemon loads late)
 _MODES = ("min", "max")
 
 log = logging.getLogger("ckptd.cli")
@@ -57,7 +59,7 @@ log = logging.getLogger("ckptd.cli")
 def _exit_codes(**meanings: str) -> str:
     """The ``--help`` epilog: what each exit status of one command means (keys: ok, empty, ...)."""
     codes = {"ok": EXIT_OK, "empty": EXIT_EMPTY, "usage": EXIT_USAGE, "running": EXIT_RUNNING}
-    codes |= {"store": EXIT_STORE, "corrupt": EXIT_CORRUPT}
+    codes |= {"store": EXIT_STORE, "corrupt": EXIT_CORRUPT, "unpersisted": EXIT_UNPERSISTED}
     lines = [f"  {codes[key]}  {text}" for key, text in meanings.items()]
     return "exit status:\n" + "\n".join(lines)
 
@@ -155,6 +157,8 @@ def _add_run(commands: Any) -> None:
             usage="bad option value, or a store that cannot be written",
             running="another daemon already follows RUN_DIR (stop it first)",
             store=_STORE,
+            unpersisted="stopped with acknowledged captures not persisted (a full disk?): their "
+            "slots are kept for the next `ckptd run`; status.json lists them (unpersisted)",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -289,6 +293,8 @@ def _add_sidecar(commands: Any) -> None:
             ok="CMD exited with 0 (otherwise: CMD's status, 128+N if signal N killed it)",
             usage="bad option value, a store that cannot be written, or no CMD; nothing was started",
             running="another daemon already follows DIR (stop it first); CMD was not started",
+            unpersisted="CMD exited with 0 but the daemon stopped with acknowledged captures not "
+            "persisted (a failed CMD's own status wins)",
         )
         + "\n  126  CMD could not be executed\n  127  CMD was not found",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -615,11 +621,12 @@ def _sidecar_summary(run_dir: Path) -> None:
         # said here too, where the user looks when the run ends, not only in the daemon's log.
         print(f"ckptd sidecar: the daemon's last error: {status['last_error']}", file=sys.stderr)
     if not records:
-        print(
-            f"ckptd sidecar: no checkpoint kept in {store.root}{this_run} (did the trainer log an "
-            f"eval to the followed log, and capture? see `ckptd status {run_dir}`)",
-            file=sys.stderr,
-        )
+        # Captures the daemon could not persist were captured: asking whether the trainer did
+        # would send the user the wrong way (the line after the summary says what happened).
+        unpersisted = isinstance(status.get("unpersisted"), list) and bool(status["unpersisted"])
+        asked = " (did the trainer log an eval to the followed log, and capture?"
+        why = f"; see `ckptd status {run_dir}`" if unpersisted else f"{asked} see `ckptd status {run_dir}`)"
+        print(f"ckptd sidecar: no checkpoint kept in {store.root}{this_run}{why}", file=sys.stderr)
         return
     print(f"ckptd sidecar: {len(records)} checkpoint(s) kept in {store.root}{this_run}", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):
@@ -796,6 +803,7 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         v = {k: _shown(verdict, k) for k in ("eval_step", "action", "reason")}
         print(f"last        step {v['eval_step']}: {v['action']} ({v['reason']})")
     print(f"persisted   {field('persisted')} checkpoint(s), {field('pending_acks')} pending")
+    _print_unpersisted(status.get("unpersisted"))
     _print_followers(status.get("followers"))
     _print_remote(status.get("remote"))
     malformed = status.get("malformed_lines")
@@ -819,6 +827,19 @@ def _print_status(status: dict[str, Any], alive: bool, age: float) -> None:
         print(f"note        {printable(note)}")
     if status.get("last_error"):
         print(f"last error  {field('last_error')}")
+
+
+def _print_unpersisted(unpersisted: object) -> None:
+    """Acknowledged captures whose persist failed and is retried: a best there exists nowhere
+    else (the trainer moved on), so each gets its own line, in capitals."""
+    for entry in _dicts(unpersisted):
+        what = "the BEST at step" if entry.get("best") is True else "step"
+        tags = entry.get("tags")
+        tagged = f" ({printable(', '.join(map(str, tags)))})" if isinstance(tags, list) and tags else ""
+        print(
+            f"NOT ON DISK {what} {_shown(entry, 'step')}{tagged}, {_shown(entry, 'tries')} failed "
+            f"tries, slot kept: {_shown(entry, 'error')}"
+        )
 
 
 def _print_remote(remote: object) -> None:

@@ -5,7 +5,9 @@ Start ``ckptd run`` as a subprocess and wait for its heartbeat; run the command 
 ``sitecustomize`` adds ckptd's callback to every Trainer the command's processes build);
 forward SIGINT, SIGTERM and SIGHUP to it; when it exits, stop the daemon with SIGTERM (it
 persists what was acknowledged first) within a deadline, summarize, and exit with the
-command's status (128 + N when signal N killed it).
+command's status (128 + N when signal N killed it). A command that succeeded while captures it
+acknowledged were not persisted (the daemon exited 6, ``EXIT_UNPERSISTED``, or was killed with
+acks pending) makes the sidecar exit 6: a run whose best is not on disk did not succeed.
 
 The daemon runs in its own session: a Ctrl-C in the terminal reaches the command (and this
 process) but not the daemon, which must outlive the command to persist its last capture.
@@ -34,7 +36,8 @@ from types import FrameType
 
 import psutil
 
-from ckptd.protocol import RunPaths, daemon_alive
+from ckptd.errors import ProtocolError
+from ckptd.protocol import RunPaths, daemon_alive, pending_ack_paths, read_ack
 
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _PR_SET_CHILD_SUBREAPER = 36
@@ -138,7 +141,36 @@ class Sidecar:
                 self.summary()
             except Exception as exc:  # the summary is a courtesy; the status is the command's
                 say(f"could not summarize the store: {exc}")
-        return status
+        return self._final_status(status, how)
+
+    def _final_status(self, status: int, how: str) -> int:
+        """The command's status, unless it succeeded and captures it acknowledged are not on
+        disk: then ``EXIT_UNPERSISTED``, said in the last line, where the user looks."""
+        from ckptd.daemon.run import EXIT_UNPERSISTED  # late: the daemon's modules load only now
+
+        steps = self._unpersisted(EXIT_UNPERSISTED)
+        if steps is None:
+            return status
+        final = EXIT_UNPERSISTED if status == 0 else status
+        mine = "" if status == 0 else " (the command's own)"
+        say(
+            f"{self.command[0]} {how}, but acknowledged captures were not persisted ({steps}): their "
+            f"slots are kept, and the next `ckptd run {self.run_dir}` persists them (see its "
+            f"`ckptd status`); exiting with status {final}{mine}"
+        )
+        return final
+
+    def _unpersisted(self, exit_unpersisted: int) -> str | None:
+        """The captures the daemon left unpersisted, described; None when there are none. The
+        daemon says so by its exit status; a daemon killed (or crashed) cannot, and any ack
+        still pending then speaks for it."""
+        daemon = self.daemon
+        if daemon is None or daemon.returncode in (None, 0):
+            return None
+        if daemon.returncode == exit_unpersisted:
+            return _listed_in_status(self.paths) or "see the daemon's messages above"
+        pending = pending_ack_paths(self.paths)
+        return ", ".join(_step_of(path) for path in pending) if pending else None
 
     def _start_daemon(self) -> int | None:
         """Start ``ckptd run`` and wait for a heartbeat of its own; an exit status if it failed."""
@@ -281,6 +313,30 @@ class Sidecar:
             return  # a Ctrl-C already reached the whole foreground group: one is enough
         with contextlib.suppress(OSError):  # it exited meanwhile
             child.send_signal(signum)
+
+
+def _listed_in_status(paths: RunPaths) -> str:
+    """The ``unpersisted`` captures the daemon's final status.json names, as "step N (tags)"."""
+    try:
+        status = json.loads(paths.status.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return ""
+    listed = status.get("unpersisted") if isinstance(status, dict) else None
+    entries = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
+    return ", ".join(_described(e.get("step"), e.get("tags")) for e in entries)
+
+
+def _step_of(ack_path: Path) -> str:
+    try:
+        ack = read_ack(ack_path)
+    except (OSError, ProtocolError):
+        return ack_path.name
+    return _described(ack.captured_step, list(ack.tags))
+
+
+def _described(step: object, tags: object) -> str:
+    shown = ", ".join(map(str, tags)) if isinstance(tags, list) and tags else ""
+    return f"step {step}" + (f" ({shown})" if shown else "")
 
 
 def _terminal_sent_it_to_the_child() -> bool:

@@ -337,7 +337,7 @@ def test_a_full_local_disk_while_the_remote_is_down_is_said_in_status(
     assert "No space left on device" in out and "pending (kept locally until uploaded)" in out
     kept = [r.step for r in Store(small_disk / "ckpt").list()]
     assert kept and kept == sorted(kept) and 100 in kept  # held: nothing deleted to make room
-    assert daemon.stop(timeout=60) in (0, 1)
+    assert daemon.stop(timeout=60) == 6  # it stops with acknowledged captures not persisted
 
 
 def test_a_daemon_without_a_remote_imports_no_storage_backend() -> None:

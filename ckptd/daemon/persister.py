@@ -8,7 +8,9 @@ killed mid-copy finds the ack again on restart and redoes the work.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import queue
 import stat
 import threading
@@ -21,8 +23,8 @@ from pathlib import Path
 
 from ckptd.daemon.uploader import Uploader
 from ckptd.errors import ProtocolError, SnapshotError
-from ckptd.policy import PreservationPolicy, plan_deletions
-from ckptd.protocol import Ack, RunPaths
+from ckptd.policy import PreservationPolicy, early_deletions, plan_deletions
+from ckptd.protocol import Ack, RunPaths, format_bytes
 from ckptd.records import CheckpointRecord
 from ckptd.shards import ShardPlan, plan_shards, read_header
 from ckptd.staging import read_capture_token, read_slot_token, slot_dir
@@ -40,6 +42,20 @@ class Job:
 
 class SlotLost(SnapshotError):
     """The slot an ack names is gone, short, or holds another capture: retrying cannot help."""
+
+
+class NoRoom(OSError):
+    """The store's filesystem lacks room for a capture, even after early pruning: no write
+    bound to fail was started. An ``OSError`` (ENOSPC), so it is retried like a full disk."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# Room asked for beyond a capture's own bytes: its manifest, a block rounded up per file,
+# directory entries and the filesystem's metadata; and 0.1 % more, for a big one's extents.
+_ROOM_MARGIN = 1 << 20
+_INCOMING = "(incoming)"  # the capture being written, as retention sees it: no store name
 
 
 @dataclass(frozen=True)
@@ -252,12 +268,68 @@ class Persister:
     def _copy_and_commit(self, job: Job) -> CheckpointRecord:
         ack = job.ack
         slot = slot_dir(self.staging, self.paths, ack.slot)
-        check_slot(ack, slot)
+        check_slot(ack, slot)  # first: a lost slot must not cost a checkpoint pruned early
+        self._make_room(job)
         with self.store.writing(ack.captured_step) as pending:
             self._copy_files(ack, slot, pending)
             # Checked again after the copy: a writer that touched the slot meanwhile changed it.
             check_slot(ack, slot)
             return self.store.commit(pending, self._manifest(job))
+
+    def _make_room(self, job: Job) -> None:
+        """Room for the capture plus a margin, before anything is written; short of it, first
+        delete what retention drops anyway once this capture is committed. Still short: no
+        write bound to fail is started (``NoRoom``), and the persist is retried later."""
+        need = room_needed(job.ack)
+        free = free_bytes(self.store.root)
+        if free is None or free >= need:
+            return
+        pruned = self._prune_early(job, need, free)
+        free = free_bytes(self.store.root)
+        if free is not None and free < need:
+            raise NoRoom(errno.ENOSPC, _no_room(job.ack, self.store.root, need, free, pruned))
+
+    def _prune_early(self, job: Job, need: int, free: int) -> list[str]:
+        """Delete, oldest first and only until there is room, the checkpoints ``early_deletions``
+        lets go: never a best, the newest, one ``keep_every`` keeps or the uploader holds."""
+        step = job.ack.captured_step
+        pruned: list[str] = []
+        with self.store.lock(timeout=60):
+            records = [r for r in self.store.list() if r.run_id in self.lineage]
+            best_steps = self._best_steps()
+            held = self.uploader.held() if self.uploader is not None else frozenset()
+            if held is None:  # the uploader has not compared the store with the remote yet
+                return pruned
+            protected = [r.name for r in records if r.step in best_steps or r.name in held]
+            for record in early_deletions(records, self.policy, self._incoming(job), protected):
+                self.store.delete(record.name)
+                pruned.append(record.name)
+                why = f"{format_bytes(need)} needed, {format_bytes(free)} free"
+                log.warning(
+                    "pruned %s early to make room for step %d (%s): retention rotates it out once "
+                    "that step is committed",
+                    record.name,
+                    step,
+                    why,
+                )
+                free = free_bytes(self.store.root) or 0
+                if free >= need:
+                    break
+        return pruned
+
+    def _incoming(self, job: Job) -> CheckpointRecord:
+        """The capture about to be written, as a record retention can rank with the others."""
+        ack = job.ack
+        return CheckpointRecord(
+            name=_INCOMING,
+            step=ack.captured_step,
+            tags=tuple(ack.tags),
+            metrics={**job.metrics, **ack.metrics},
+            requested_step=ack.requested_step,
+            nbytes=sum(ack.files.values()),
+            created=time.time(),  # the newest at its step, as it will be once committed
+            run_id=self.run_id,
+        )
 
     @staticmethod
     def _copy_files(ack: Ack, slot: Path, pending: PendingCheckpoint) -> None:
@@ -307,11 +379,49 @@ class Persister:
         return None
 
 
+def room_needed(ack: Ack) -> int:
+    """Bytes of free space a capture asks for in the store: its files, and a margin."""
+    nbytes = sum(ack.files.values())
+    return nbytes + _ROOM_MARGIN + nbytes // 1000
+
+
+def free_bytes(root: Path) -> int | None:
+    """Bytes that may still be written under ``root`` (root may use the reserved blocks too).
+    None when the filesystem does not say: statvfs failed, or it reports no size at all (some
+    FUSE and network filesystems): then no check is made and the write finds out."""
+    try:
+        info = os.statvfs(root)
+    except OSError:
+        return None
+    if info.f_blocks == 0:
+        return None
+    blocks = info.f_bfree if os.geteuid() == 0 else info.f_bavail
+    return blocks * info.f_frsize
+
+
+def _no_room(ack: Ack, root: Path, need: int, free: int, pruned: Sequence[str]) -> str:
+    """What ``NoRoom`` says: how much is needed against how much is free, and what was tried."""
+    nbytes = sum(ack.files.values())
+    tried = (
+        f" after pruning {', '.join(pruned)}"
+        if pruned
+        else "; retention lets nothing go before it is committed (the bests, the newest, what "
+        "--keep-every or the uploader keeps)"
+    )
+    return (
+        f"No space left on device for step {ack.captured_step} in {root}: it needs "
+        f"{format_bytes(need)} (its {format_bytes(nbytes)} and a margin), {format_bytes(free)} "
+        f"free{tried}; no write started (free space, or lower --keep-last)"
+    )
+
+
 def check_slot(ack: Ack, slot: Path) -> None:
     """The slot must still hold this ack's capture: not gone (a reboot cleared /dev/shm),
     not shorter than the ack says, not overwritten by another writer."""
     for folder in (slot.parent, slot):
-        if not folder.exists() and not folder.is_symlink():
+        # The link test first: exists() follows a link, and raises PermissionError on one into
+        # another user's folder (retried for ever, the ack never set aside) instead of False.
+        if not folder.is_symlink() and not folder.exists():
             elsewhere = (
                 ", or the rank that wrote it runs on another node with the same node id (give "
                 "each node its own CKPTD_NODE_ID)"

@@ -4,6 +4,11 @@ The shape is gunicorn's arbiter: watchers and signal handlers only put a
 wake-up on a queue; one loop does the work; one ``halt`` path cleans up. The
 persister thread owns the store. The loop owns everything else (state,
 control file, status heartbeat), so there is no shared mutable state to lock.
+
+``run()`` returns 0 after a clean stop, or ``EXIT_UNPERSISTED`` (6) when acknowledged captures
+were still not persisted when it stopped (a full disk, a store that cannot be written): they
+stay in their slots, listed in the final ``status.json`` (``unpersisted``), and the next daemon
+on the run persists them. A trainer's best must not vanish behind an exit status of 0.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ckptd.protocol import (
     RunPaths,
     StandingVerdict,
     atomic_write_json,
+    flock_holder,
     local_node_id,
     pending_ack_paths,
     read_ack,
@@ -72,6 +78,8 @@ _YOUNG_S = 3.0  # an unreadable ack younger than this may still be being written
 _STORE_COUNT_EVERY_S = 10.0
 _MAX_TAGS = 8  # a standing verdict takes no more request tags: a flood of requests is one capture
 _UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
+EXIT_UNPERSISTED = 6  # stopped with acknowledged captures not persisted (README, `ckptd run --help`)
+_PERSIST_ERRORS = ("persisting step", "the best at step")  # how _on_persisted's errors begin
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,9 @@ class RunDaemon:
         self._queued: set[str] = set()  # ack file names the persister has and has not reported on
         self._retry_at: dict[str, float] = {}  # ack file name -> monotonic time of the next try
         self._slot_tries: dict[str, int] = {}  # ack file name -> tries that found its slot lost
+        # Ack file name -> what status.json says of an acknowledged capture whose persist failed
+        # and is retried: not on disk yet. At halt, every ack still pending is in it.
+        self._unpersisted: dict[str, dict[str, Any]] = {}
         self._best_steps: frozenset[int] = frozenset()
         self._unseen_warned = False
         self._evals: OrderedDict[int, dict[str, float]] = OrderedDict()
@@ -129,7 +140,7 @@ class RunDaemon:
             # Never through a link: lock, state and control would be written wherever it points.
             raise ConfigError(f"{self.paths.meta} is a symbolic link; ckptd will not follow it")
         self.paths.meta.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = FileLock(str(self.paths.lock), timeout=0)
+        lock = FileLock(str(self.paths.lock), timeout=0, mode=0o600)  # not world-writable under umask 000
         try:
             lock.acquire()
         except Timeout:
@@ -146,7 +157,7 @@ class RunDaemon:
             raise
         finally:
             lock.release()
-        return 0
+        return EXIT_UNPERSISTED if self._unpersisted else 0
 
     # -- start, loop, halt ----------------------------------------------------------------
 
@@ -372,6 +383,7 @@ class RunDaemon:
             self._uploader.stop()  # after the file being sent; the rest resumes at the next start
         while not self._wakeups.empty():
             self._handle(self._wakeups.get_nowait())
+        self._note_unpersisted_at_stop()
         self._save_state()
         self._remove_idle_slots()
         self._write_status(state="stopped")
@@ -569,6 +581,7 @@ class RunDaemon:
         except FileNotFoundError:
             return  # the trainer replaced or removed it meanwhile
         self._slot_tries.pop(path.name, None)
+        self._unpersisted.pop(path.name, None)  # set aside: no retry will persist it
         self._error(f"rejected ack {path.name}: {problem} (kept as {aside.name})")
 
     def _check_shards(self) -> None:
@@ -593,22 +606,11 @@ class RunDaemon:
             self._on_slot_lost(job, outcome)
             return
         if outcome.error is not None:
-            self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
-            held = self._uploader.held() if self._uploader is not None else frozenset()
-            count = "every" if held is None else str(len(held))
-            waiting = (
-                f"; {count} checkpoint(s) kept locally until uploaded to {self.config.remote}"
-                if held is None or held
-                else ""
-            )
-            self._error(
-                f"persisting step {job.ack.captured_step} into {self.config.store} "
-                f"failed: {outcome.error}; "
-                f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s{waiting}"
-            )
+            self._on_persist_failed(job, outcome.error)
             return
         self._retry_at.pop(name, None)
-        if self._last_error and self._last_error.startswith("persisting"):
+        self._unpersisted.pop(name, None)
+        if self._last_error and self._last_error.startswith(_PERSIST_ERRORS):
             self._last_error = None  # the persist that failed has gone through now
         if outcome.record is None:
             ack = job.ack
@@ -619,6 +621,54 @@ class RunDaemon:
             )
             return
         self._on_committed(outcome)
+
+    def _on_persist_failed(self, job: Job, error: str) -> None:
+        """Kept and retried; said loudly when the capture is a best, which exists nowhere else
+        once the trainer moves on, and listed in status.json until it is on disk."""
+        name, ack = job.ack_path.name, job.ack
+        self._retry_at[name] = time.monotonic() + _RETRY_AFTER_S
+        entry = self._unpersisted.setdefault(name, _unpersisted_entry(name, ack))
+        entry["tries"] += 1
+        entry["error"] = error
+        held = self._uploader.held() if self._uploader is not None else frozenset()
+        count = "every" if held is None else str(len(held))
+        waiting = (
+            f"; {count} checkpoint(s) kept locally until uploaded to {self.config.remote}"
+            if held is None or held
+            else ""
+        )
+        bests = [tag.removeprefix("best:") for tag in ack.tags if tag.startswith("best:")]
+        what = (
+            f"the best at step {ack.captured_step} ({', '.join(bests)}) is not on disk yet: persisting it"
+            if bests
+            else f"persisting step {ack.captured_step}"
+        )
+        self._error(
+            f"{what} into {self.config.store} failed: {error}; "
+            f"the slot is kept and the write retried in {_RETRY_AFTER_S:.0f} s{waiting}"
+        )
+
+    def _note_unpersisted_at_stop(self) -> None:
+        """At halt, after the last tries: every ack still pending is a capture not persisted
+        (its write failed, or it came too late); said once, and the exit status says it too."""
+        still: dict[str, dict[str, Any]] = {}
+        for path in pending_ack_paths(self.paths):
+            entry = self._unpersisted.get(path.name)
+            if entry is None:
+                try:
+                    entry = _unpersisted_entry(path.name, read_ack(path))
+                except (OSError, ProtocolError):
+                    entry = {"ack": path.name, "step": None, "tags": [], "best": False, "tries": 0}
+                entry["error"] = "not persisted before the daemon stopped"
+            still[path.name] = entry
+        self._unpersisted = still
+        if still:
+            shown = ", ".join(_described(entry) for entry in still.values())
+            self._error(
+                f"stopping with {len(still)} acknowledged capture(s) not persisted ({shown}): their "
+                f"slots are kept, and the next `ckptd run {self.config.run_dir}` persists them "
+                f"(exit status {EXIT_UNPERSISTED})"
+            )
 
     def _on_shards_checked(self, outcome: Outcome) -> None:
         if outcome.error is not None:
@@ -662,7 +712,8 @@ class RunDaemon:
             except (FileNotFoundError, NotADirectoryError):
                 continue
             for entry in entries:
-                if entry.name not in busy and entry.is_dir() and not entry.is_symlink():
+                # Link test first: is_dir() follows it, and raises on one into another user's run.
+                if entry.name not in busy and not entry.is_symlink() and entry.is_dir():
                     shutil.rmtree(entry, ignore_errors=True)
             if not busy.intersection(e.name for e in entries):
                 shutil.rmtree(staging, ignore_errors=True)
@@ -724,6 +775,7 @@ class RunDaemon:
                 "remote": self._uploader.report() if self._uploader is not None else None,
                 "node": self._node,
                 "followers": read_follower_reports(self.paths),
+                "unpersisted": list(self._unpersisted.values()),
                 "last_error": self._last_error,
             },
         )
@@ -768,8 +820,13 @@ class RunDaemon:
             )
 
     def _holder(self) -> str:
+        # The lock's holder: status.json is written once the holder has caught up on the log,
+        # so until then it is missing or the previous daemon's (another pid).
+        pid = flock_holder(self.paths.lock)
         status = read_status(self.paths)
-        return f"pid {status.get('pid')} on {status.get('host')}" if status else "holder unknown"
+        if status and (pid is None or status.get("pid") == pid):
+            return f"pid {status.get('pid')} on {status.get('host')}"
+        return f"pid {pid}, starting" if pid is not None else "holder unknown"
 
 
 def _ranked_by_its_eval(ack: Ack) -> bool:
@@ -777,6 +834,26 @@ def _ranked_by_its_eval(ack: Ack) -> bool:
     or a best captured late. A requested snapshot (``ckptd request``) taken steps after the
     last eval holds other weights: given that eval's metrics, it would rank as a best."""
     return ack.captured_step == ack.eval_step or any(tag.startswith("best:") for tag in ack.tags)
+
+
+def _unpersisted_entry(name: str, ack: Ack) -> dict[str, Any]:
+    """status.json's record of an acknowledged capture not on disk yet (``tries`` and
+    ``error`` follow each failed try)."""
+    return {
+        "ack": name,
+        "step": ack.captured_step,
+        "tags": list(ack.tags),
+        "best": any(tag.startswith("best:") for tag in ack.tags),
+        "since": time.time(),
+        "tries": 0,
+        "error": None,
+    }
+
+
+def _described(entry: dict[str, Any]) -> str:
+    """One unpersisted capture for a log line: its step, and its tags when it has any."""
+    tags = f" ({', '.join(entry['tags'])})" if entry.get("tags") else ""
+    return f"step {entry.get('step')}{tags}"
 
 
 def _young(path: Path) -> bool:

@@ -14,6 +14,7 @@ from ckptd.policy.retention import (
     LatestN,
     PreservationPolicy,
     best_plus_last,
+    early_deletions,
     plan_deletions,
 )
 
@@ -25,6 +26,7 @@ __all__ = [
     "LatestN",
     "PreservationPolicy",
     "best_plus_last",
+    "early_deletions",
     "is_improvement",
     "judge",
     "plan_deletions",

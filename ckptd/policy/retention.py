@@ -114,6 +114,42 @@ def plan_deletions(
     return sorted((r for r in records if r.name not in keep), key=lambda r: (r.step, r.name))
 
 
+def early_deletions(
+    records: Sequence[CheckpointRecord],
+    policy: PreservationPolicy,
+    incoming: CheckpointRecord,
+    protected: Collection[str] = (),
+) -> list[CheckpointRecord]:
+    """The records that may be deleted *before* ``incoming`` is written, to make room for it;
+    oldest step first.
+
+    Those ``policy`` drops once ``incoming`` is committed, minus whatever must outlive a write
+    that fails (the disk is full, after all): the ``protected`` names, the newest record, and
+    every record that a part of the policy other than ``LatestN`` keeps among the records as
+    they are now. So a best (or a ``keep_every`` step) that ``incoming`` would displace stays
+    until ``incoming`` is on disk; only a record pushed out of the last-N window goes early.
+    Deleting them changes nothing in the end: the rotation after the commit keeps the same set.
+    """
+    if isinstance(protected, str):
+        raise TypeError(f"protected must be a collection of names, not the str {protected!r}")
+    if not records:
+        return []
+    if any(r.name == incoming.name for r in records):
+        raise ValueError(f"the incoming record's name {incoming.name!r} is already a record's")
+    newest = max(records, key=lambda r: (r.step, r.created, r.name))  # LatestN's own order
+    needed = _kept_now(policy, records) | frozenset(protected) | {newest.name, incoming.name}
+    return [r for r in plan_deletions([*records, incoming], policy, protected) if r.name not in needed]
+
+
+def _kept_now(policy: PreservationPolicy, records: Sequence[CheckpointRecord]) -> frozenset[str]:
+    """What ``policy`` keeps among ``records``, leaving out its ``LatestN`` parts: the window
+    of the last N is the one thing a new checkpoint pushes records out of without making them
+    worth less. A policy of an unknown kind is taken at its word (kept now: kept)."""
+    if isinstance(policy, AnyPreservation):
+        return frozenset().union(*(_kept_now(p, records) for p in policy.policies))
+    return frozenset() if isinstance(policy, LatestN) else policy.preserve(records)
+
+
 def _is_finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
