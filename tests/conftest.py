@@ -58,8 +58,12 @@ class Daemon:
             )
 
     def wait_alive(self) -> Daemon:
+        # Its own heartbeat: a daemon SIGKILLed just before left a status.json that looks alive
+        # for a few more seconds, and a test going on then races the new one's start-up.
         wait_for(
-            lambda: self.proc.poll() is None and daemon_alive(RunPaths(self.run_dir)),
+            lambda: self.proc.poll() is None
+            and daemon_alive(RunPaths(self.run_dir))
+            and _status_pid(self.run_dir) == self.proc.pid,
             what=f"daemon heartbeat; output:\n{self.log()}",
         )
         return self
@@ -76,6 +80,13 @@ class Daemon:
 
     def log(self) -> str:
         return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+
+def _status_pid(run_dir: Path) -> object:
+    try:
+        return json.loads(RunPaths(run_dir).status.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 @pytest.fixture

@@ -249,7 +249,9 @@ def test_two_nodes_commit_each_checkpoint_once_and_survive_a_follower_killed_mid
     follower = processes(run, {**env_b, "SLURM_NODEID": "1"})  # the role from the node rank
     wait_for(lambda: daemon_alive(follower_paths(run)), what=f"follower heartbeat\n{follower.log()}")
 
-    ranks = two_nodes(["--run-dir", str(run), "--evals", SCRIPT, "--extra-mb", "256"], env_a, env_b)
+    gate = tmp_path / "go-on-at-150"
+    job = ["--run-dir", str(run), "--evals", SCRIPT, "--extra-mb", "256", "--gate", f"150:{gate}"]
+    ranks = two_nodes(job, env_a, env_b)
     # Stop the follower while it writes rank 1's part (its data file there, its marker not),
     # then kill it: the part is half written.
     deadline = time.monotonic() + 120
@@ -272,6 +274,15 @@ def test_two_nodes_commit_each_checkpoint_once_and_survive_a_follower_killed_mid
     assert caught.is_dir()
     # Back within the 5 s a heartbeat stays fresh: rank 1 never sees its node without a daemon.
     restarted = processes(run, env_b, "--role", "follower", "--node-id", "b")
+    # The ranks wait at 150 until 50 and 100 are committed: both of rank 1's slots are held by
+    # the parts the dead follower left, and a capture finding no free slot is skipped (by design;
+    # on a loaded machine the restarted follower may not have freed one by the time 150 comes).
+    wait_for(
+        lambda: {m["step"] for m in manifests(Store(store_dir))} >= {50, 100},
+        timeout=120,
+        what=f"50 and 100 committed\n{restarted.log()}\n{leader.log()}",
+    )
+    gate.touch()
     for rank in ranks:
         out, _ = rank.communicate(timeout=240)
         assert rank.returncode == 0, out[-4000:]

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--from-step", type=int, default=0)
     parser.add_argument("--extra-mb", type=int, default=0)
     parser.add_argument("--no-client", action="store_true")
+    parser.add_argument("--gate", default="", help="STEP:FILE: every rank waits at STEP until FILE exists")
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -93,7 +94,11 @@ def main() -> None:
     client = None if args.no_client else ShardedClient(run)
     blocked = []
     losses = (run / f"losses-ws{world}.jsonl").open("a") if rank == 0 else None
+    gate_step, _, gate_file = args.gate.partition(":")
     for step in range(args.from_step + 1, args.steps + 1):
+        if gate_step and step == int(gate_step):
+            while not Path(gate_file).exists():  # the test's go-ahead: a step made deterministic
+                time.sleep(0.05)
         x, y = batch(step, rank, world)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
