@@ -459,7 +459,8 @@ def test_notes_wrap_instead_of_being_cut(tmp_path: Path) -> None:
     _commit(Store(deep / "checkpoints"), 5, [], {"eval_loss": 1.0})
     lines = plot.render_all(plot.load_plot(deep, Store(deep / "checkpoints")), 40)
     assert all(len(line) <= 40 for line in lines) and not any("…" in line for line in lines)
-    assert "logging.jsonl does not exist" in " ".join(line.strip() for line in lines)
+    # Wherever the wrap falls (the path's length depends on the temp dir), the words are all there.
+    assert "logging.jsonldoesnotexist" in "".join(line.strip() for line in lines).replace(" ", "")
 
 
 def test_png_replaces_a_link_and_never_writes_through_it(

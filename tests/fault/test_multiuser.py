@@ -306,9 +306,11 @@ def tree(top: Path, skip: Callable[[Path], bool] = lambda _: False) -> Tree:
 
 
 def _heartbeat(path: Path) -> bool:
-    """status.json is rewritten every second (and its temp file comes and goes): no change."""
-    return path.parent.name == ".ckptd" and (
-        path.name == "status.json" or path.name.startswith(".status.json.")
+    """status.json and state.json are rewritten at every beat by the run's own daemon (their
+    temp files come and go): no change anyone else made. On a loaded machine a beat can land
+    between the baseline and the check, with a state whose content moved on (its cursor)."""
+    return path.parent.name == ".ckptd" and any(
+        path.name == name or path.name.startswith(f".{name}.") for name in ("status.json", "state.json")
     )
 
 
