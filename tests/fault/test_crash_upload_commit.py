@@ -252,13 +252,11 @@ def _error_lines(text: str) -> list[str]:
 # -- the remote upload ------------------------------------------------------------------------
 
 
-class UploadChain:
-    """One run dir whose daemon is killed and restarted trial after trial; its trainer is the
-    harness, acking fabricated checkpoints with losses drawn from the seed."""
+class _Chain:
+    """What both kinds of trial share: one run dir (an empty log, the store in it) whose
+    daemons are started by spare processes, killed and restarted trial after trial."""
 
-    ARGS = ("--metric", "loss", "--keep-last", "1", "--remote-keep-last", "2")
-
-    def __init__(self, base: Path, shm: Path, rng: random.Random, tally: Tally) -> None:
+    def __init__(self, base: Path, rng: random.Random, tally: Tally) -> None:
         self.base = base
         self.rng = rng
         self.tally = tally
@@ -267,6 +265,19 @@ class UploadChain:
         (self.run / "logging.jsonl").touch()
         self.paths = RunPaths(self.run)
         self.store = Store(self.run / "checkpoints")
+        self.procs: list[Proc] = []
+        self.spares = Spares(base, self.procs)
+        self.step = 0
+
+
+class UploadChain(_Chain):
+    """One run dir whose daemon is killed and restarted trial after trial; its trainer is the
+    harness, acking fabricated checkpoints with losses drawn from the seed."""
+
+    ARGS = ("--metric", "loss", "--keep-last", "1", "--remote-keep-last", "2")
+
+    def __init__(self, base: Path, shm: Path, rng: random.Random, tally: Tally) -> None:
+        super().__init__(base, rng, tally)
         self.remote_dir = base / "remote"
         self.url = f"file://{self.remote_dir}"
         self.env = {**os.environ, "CKPTD_SHM_ROOT": str(shm)}
@@ -274,9 +285,6 @@ class UploadChain:
         self.slots: dict[str, Path] = {}  # ack file name -> its slot
         self.remote_seen: set[str] = set()  # every name the remote was seen listing
         self.upload_s = 0.05
-        self.step = 0
-        self.procs: list[Proc] = []
-        self.spares = Spares(base, self.procs)
         self.daemon = self._start()
         self.staging = staging_dir_for(read_control(self.paths.control).run_id, shm)
 
@@ -500,27 +508,17 @@ def _rank_files(rank: int) -> dict[str, int]:
 _EXPECTED_FILES = {name for rank in range(RANKS) for name in _rank_files(rank)}
 
 
-class CommitChain:
+class CommitChain(_Chain):
     """One run dir with a leader daemon and a follower daemon on two pretend nodes (their own
     node ids and shared-memory roots, one store); each is killed and restarted as drawn."""
 
     def __init__(self, base: Path, shm: Path, rng: random.Random, tally: Tally) -> None:
-        self.base = base
-        self.rng = rng
-        self.tally = tally
-        self.run = base / "run"
-        self.run.mkdir(parents=True)
-        (self.run / "logging.jsonl").touch()
-        self.paths = RunPaths(self.run)
+        super().__init__(base, rng, tally)
         self.node_paths = {LEADER: self.paths, FOLLOWER: self.paths.node(FOLLOWER)}
-        self.store = Store(self.run / "checkpoints")
         self.shm = {node: shm / node for node in (LEADER, FOLLOWER)}
         for folder in self.shm.values():
             folder.mkdir(mode=0o700)
-        self.procs: list[Proc] = []
-        self.spares = Spares(base, self.procs)
         self.captures: list[Capture] = []
-        self.step = 0
         self.daemons = {LEADER: self._start(LEADER).wait_alive()}
         self.run_id = read_control(self.paths.control).run_id
         self.daemons[FOLLOWER] = self._start(FOLLOWER).wait_alive()
