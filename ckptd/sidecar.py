@@ -163,9 +163,9 @@ class Sidecar:
     def _unpersisted(self, exit_unpersisted: int) -> str | None:
         """The captures the daemon left unpersisted, described; None when there are none. The
         daemon says so by its exit status; a daemon killed (or crashed) cannot, and any ack
-        still pending then speaks for it."""
+        still pending then speaks for it, as does one written after a clean stop (status 0)."""
         daemon = self.daemon
-        if daemon is None or daemon.returncode in (None, 0):
+        if daemon is None or daemon.returncode is None:
             return None
         if daemon.returncode == exit_unpersisted:
             return _listed_in_status(self.paths) or "see the daemon's messages above"

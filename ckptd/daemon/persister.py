@@ -301,7 +301,12 @@ class Persister:
             if held is None:  # the uploader has not compared the store with the remote yet
                 return pruned
             protected = [r.name for r in records if r.step in best_steps or r.name in held]
-            for record in early_deletions(records, self.policy, self._incoming(job), protected):
+            early = early_deletions(records, self.policy, self._incoming(job), protected)
+            if free + sum(r.nbytes for r in early) < need:
+                # Even all of them would not make room: the capture is not written, so they would
+                # be lost for nothing (retention keeps them while it is not committed).
+                return pruned
+            for record in early:
                 self.store.delete(record.name)
                 pruned.append(record.name)
                 why = f"{format_bytes(need)} needed, {format_bytes(free)} free"
@@ -405,8 +410,8 @@ def _no_room(ack: Ack, root: Path, need: int, free: int, pruned: Sequence[str]) 
     tried = (
         f" after pruning {', '.join(pruned)}"
         if pruned
-        else "; retention lets nothing go before it is committed (the bests, the newest, what "
-        "--keep-every or the uploader keeps)"
+        else "; nothing was pruned: retention lets nothing go before it is committed (the bests, "
+        "the newest, what --keep-every or the uploader keeps), or what it lets go would not make room"
     )
     return (
         f"No space left on device for step {ack.captured_step} in {root}: it needs "

@@ -328,3 +328,55 @@ def test_the_sidecar_fails_a_successful_command_whose_best_is_not_on_disk(
     done = sidecar(failed_run, disk / "b", "sh", "-c", script)
     assert done.returncode == 3, done.stderr  # the command's own failure wins
     assert "exiting with status 3 (the command's own)" in done.stderr
+
+
+@pytest.mark.slow
+def test_nothing_is_pruned_early_when_pruning_cannot_make_room(
+    tmp_path: Path, daemons, shm_root: Path, tmpfs: Mount
+) -> None:
+    """A capture bigger than the whole store: deleting what retention would drop once it is
+    committed cannot make room, and it is never committed, so the last-N checkpoint must stay."""
+    disk = tmpfs("disk", size="10M")
+    run = tmp_path / "run"
+    run.mkdir()
+    store = Store(disk / "checkpoints")
+    daemon = daemons(run, "--store", str(store.root), "--keep-last", "2")
+    evals = [{"step": s, "eval_loss": loss} for s, loss in ((10, 0.9), (20, 0.8), (30, 0.7))]
+    trainer = subprocess.run(
+        [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run), json.dumps(evals), "--mb", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert trainer.returncode == 0 and json.loads(trainer.stdout) == [10, 20, 30], trainer.stderr
+    wait_for(lambda: [r.step for r in store.list()] == [20, 30], timeout=30, what=f"rotated:\n{daemon.log()}")
+    capture_best(run, 40, 0.1, 12)  # needs 13 MiB: more than the 10 MiB disk holds when empty
+    wait_for(lambda: status(run).get("unpersisted"), what=f"the failure reported:\n{daemon.log()}")
+    assert "no write started" in str(status(run)["last_error"])
+    assert [r.step for r in store.list()] == [20, 30], daemon.log()
+    assert "WARNING pruned" not in daemon.log()
+    assert daemon.stop() == 6, daemon.log()
+
+
+LATE_ACK = """
+import json, os, signal, sys, time
+from pathlib import Path
+meta = Path(sys.argv[1]) / ".ckptd"
+os.kill(json.loads((meta / "status.json").read_text())["pid"], signal.SIGTERM)
+while json.loads((meta / "status.json").read_text()).get("state") != "stopped":
+    time.sleep(0.05)
+time.sleep(0.5)
+(meta / "acks" / "step-10.json").write_text("{}")  # an in-flight capture acked after the stop
+"""
+
+
+@pytest.mark.slow
+def test_the_sidecar_fails_a_successful_command_that_acked_after_the_daemon_stopped(
+    tmp_path: Path, shm_root: Path
+) -> None:
+    """The daemon stopped cleanly (status 0) while the command ran; an ack written after that
+    is a capture no daemon persisted: a success would be a lie."""
+    run = tmp_path / "run"
+    done = sidecar(run, tmp_path / "store", sys.executable, "-c", LATE_ACK, str(run))
+    assert pending_ack_paths(RunPaths(run)), done.stderr
+    assert done.returncode == 6, done.stderr
