@@ -21,6 +21,7 @@ from filelock import FileLock, Timeout
 
 from ckptd import __version__, sweep
 from ckptd.daemon.persister import Job, SlotLost, store_part
+from ckptd.daemon.run import EXIT_UNPERSISTED
 from ckptd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
 from ckptd.protocol import (
     PROTOCOL_VERSION,
@@ -77,6 +78,7 @@ class FollowerDaemon:
             lock.acquire()
         except Timeout:
             raise DaemonAlreadyRunning(self.run_paths.run_dir, self.paths.lock, "another follower") from None
+        left: list[Path] = []
         try:
             log.info(
                 "follower of %s on node %s: storing its parts into %s",
@@ -91,13 +93,20 @@ class FollowerDaemon:
                     self._write_status()
                     next_beat = time.monotonic() + self.heartbeat_interval
                 self._stop.wait(_PASS_S)
+            self._retry_at.clear()  # a last try for each, failed ones included
             self._store_pending()  # acked before the stop: stored, not left for a restart
+            left = pending_ack_paths(self.paths)
+            if left:  # as the leader does: a part not on disk is no clean stop
+                self._error(
+                    f"stopping with {len(left)} acknowledged part(s) not stored: their slots are kept, "
+                    f"and the next follower on this node stores them (exit status {EXIT_UNPERSISTED})"
+                )
             log.info("stopping (%s)", self._stopping)
             self._write_status("stopped")
             os.utime(self.paths.status, (0, 0))  # clients see a dead heartbeat at once
         finally:
             lock.release()
-        return 0
+        return EXIT_UNPERSISTED if left else 0
 
     def _store_pending(self) -> None:
         staging = self._staging()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -26,10 +27,11 @@ from hypothesis import strategies as st
 from ckptd import cli
 from ckptd.daemon import run as daemon_run
 from ckptd.policy import AnyPreservation, LatestN, best_plus_last, early_deletions, plan_deletions
-from ckptd.protocol import RunPaths, pending_ack_paths
+from ckptd.protocol import Ack, RunPaths, pending_ack_paths, read_control, write_ack
 from ckptd.records import CheckpointRecord, Criterion
+from ckptd.staging import CAPTURE_FILE, staging_dir_for
 from ckptd.store import TMP_PREFIX, Store
-from tests.conftest import PROGRAMS, wait_for
+from tests.conftest import PROGRAMS, Daemon, wait_for
 
 LOSS = Criterion("eval_loss", "min")
 Mount = Callable[..., Path]
@@ -380,3 +382,47 @@ def test_the_sidecar_fails_a_successful_command_that_acked_after_the_daemon_stop
     done = sidecar(run, tmp_path / "store", sys.executable, "-c", LATE_ACK, str(run))
     assert pending_ack_paths(RunPaths(run)), done.stderr
     assert done.returncode == 6, done.stderr
+
+
+def test_a_follower_stopped_with_a_part_it_could_not_store_exits_6(
+    tmp_path: Path, tmpfs: Mount, shm_root: Path
+) -> None:
+    """The exit-6 promise holds on every node: a follower whose rank part does not fit the store
+    keeps it, says so, and stops with 6 (a follower with nothing left stops with 0)."""
+    store = tmpfs("store", "1M") / "checkpoints"
+    run = tmp_path / "run"
+    run.mkdir()
+    leader = Daemon(run, ["--store", str(store), "--role", "leader", "--node-id", "a"]).wait_alive()
+    follower_shm = tmp_path / "shm-b"
+    follower_shm.mkdir(mode=0o700)
+    node_b = RunPaths(run).node("b")
+    out = tmp_path / "follower.log"
+    with out.open("wb") as sink:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "ckptd", "run", str(run), "--store", str(store), "--role", "follower",
+             "--node-id", "b"],
+            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "CKPTD_SHM_ROOT": str(follower_shm)},
+        )  # fmt: skip
+    try:
+        wait_for(lambda: node_b.status.exists(), what=out.read_text())
+        staging = staging_dir_for(read_control(RunPaths(run).control).run_id, follower_shm)
+        staging.mkdir(mode=0o700, exist_ok=True)
+        slot = staging / "r1-0"
+        slot.mkdir(mode=0o700)
+        (slot / "__1_0.distcp").write_bytes(os.urandom(4 << 20))  # 4 MiB part, 1 MiB disk
+        (slot / CAPTURE_FILE).write_text(json.dumps({"token": "t0"}))
+        ack = Ack(
+            name=Ack.name_for(None, 10, 1), captured_step=10, slot=slot.name, files={"__1_0.distcp": 4 << 20},
+            tags=("periodic",), reason="test", metrics={}, token="t0", token_file=CAPTURE_FILE,
+            rank=1, world_size=2, capture="10-abc",
+        )  # fmt: skip
+        write_ack(node_b, ack)
+        wait_for(lambda: "No space left on device" in out.read_text(), what=out.read_text())
+        follower.send_signal(signal.SIGTERM)
+        assert follower.wait(timeout=60) == daemon_run.EXIT_UNPERSISTED, out.read_text()
+        assert "not stored" in out.read_text() and pending_ack_paths(node_b) and slot.is_dir()
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert leader.stop() == 0, leader.log()
