@@ -36,11 +36,16 @@ def verdict(paths: RunPaths) -> tuple[int, str] | None:
     return None if control.verdict is None else (control.verdict.eval_step, control.verdict.action)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float = 20.0, what: str | Callable[[], str] = "condition"
+) -> None:
+    """Poll ``predicate``; past ``timeout``, fail saying ``what`` (a callable is asked then, so
+    logs it reads are the ones at the timeout, not at the call)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}")
         time.sleep(0.005)
 
 

@@ -209,16 +209,35 @@ def test_a_job_resumed_from_the_last_snapshot_on_one_rank_continues_with_the_sam
     assert scratch != pytest.approx(before[201], rel=1e-3)
 
 
-def two_nodes(job: list[str], env_a: dict[str, str], env_b: dict[str, str]) -> list[subprocess.Popen[str]]:
+class Rank:
+    """One "node" of a two-node job: its torchrun, its output in a file (a pipe nobody reads
+    while the test waits on the store would fill and stop the rank mid-step)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], output: Path) -> None:
+        self.output = output
+        with output.open("wb") as sink:
+            self.proc = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+    def finish(self, timeout: float = 240) -> str:
+        """Its output once it has exited 0 (else the assertion shows the output's end)."""
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        out = self.output.read_text(errors="replace")
+        assert code == 0, out[-4000:]
+        return out
+
+
+def two_nodes(job: list[str], env_a: dict[str, str], env_b: dict[str, str], out: Path) -> list[Rank]:
     """``fsdp_train.py`` as a two-node job, one rank per "node" (each its own torchrun)."""
     port = free_port()
     return [
-        subprocess.Popen(
+        Rank(
             torchrun_command("fsdp_train.py", *job, nproc=1, nnodes=2, node_rank=rank, port=port),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            env,
+            out / f"node-{rank}.out",
         )
         for rank, env in ((0, env_a), (1, env_b))
     ]
@@ -251,7 +270,7 @@ def test_two_nodes_commit_each_checkpoint_once_and_survive_a_follower_killed_mid
 
     gate = tmp_path / "go-on-at-150"
     job = ["--run-dir", str(run), "--evals", SCRIPT, "--extra-mb", "256", "--gate", f"150:{gate}"]
-    ranks = two_nodes(job, env_a, env_b)
+    ranks = two_nodes(job, env_a, env_b, tmp_path)
     # Stop the follower while it writes rank 1's part (its data file there, its marker not),
     # then kill it: the part is half written.
     deadline = time.monotonic() + 120
@@ -280,12 +299,12 @@ def test_two_nodes_commit_each_checkpoint_once_and_survive_a_follower_killed_mid
     wait_for(
         lambda: {m["step"] for m in manifests(Store(store_dir))} >= {50, 100},
         timeout=120,
-        what=f"50 and 100 committed\n{restarted.log()}\n{leader.log()}",
+        what=lambda: f"50 and 100 committed\n{restarted.log()}\n{leader.log()}\n"
+        + "\n".join(r.output.read_text(errors="replace")[-3000:] for r in ranks),
     )
     gate.touch()
     for rank in ranks:
-        out, _ = rank.communicate(timeout=240)
-        assert rank.returncode == 0, out[-4000:]
+        rank.finish()
     store = Store(store_dir)
     wait_for(
         lambda: not list(store_dir.glob(f"{SHARD_PREFIX}*")) and not pending_ack_paths(follower_paths(run)),
@@ -355,9 +374,8 @@ def test_with_no_daemon_on_a_rank_s_node_no_rank_captures_and_training_goes_on(
     env_a, env_b = env_for("a", node_roots[0]), env_for("b", node_roots[1])
     leader = processes(run, env_a)
     wait_for(lambda: daemon_alive(RunPaths(run)), what=f"leader heartbeat\n{leader.log()}")
-    ranks = two_nodes(["--run-dir", str(run), "--evals", SCRIPT, "--steps", "100"], env_a, env_b)
-    outputs = [rank.communicate(timeout=240)[0] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    ranks = two_nodes(["--run-dir", str(run), "--evals", SCRIPT, "--steps", "100"], env_a, env_b, tmp_path)
+    outputs = [rank.finish() for rank in ranks]
     assert "no live ckptd daemon for node b" in outputs[1]
     assert json.loads((run / "blocked-rank0.json").read_text()) == []  # nothing staged anywhere
     time.sleep(1.5)

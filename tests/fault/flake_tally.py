@@ -25,7 +25,8 @@ from pathlib import Path
 
 # pytest -q's summary lines under -ra: "FAILED tests/x.py::test_y - AssertionError..."
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
-_SUMMARY = re.compile(r"^=+ (.*) in ([\d.]+)s", re.MULTILINE)
+# The last line of -q: "1 failed, 1304 passed, 10 skipped in 1146.22s (0:19:06)" (no "=" under -q).
+_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|error).*?) in ([\d.]+)s", re.MULTILINE)
 
 
 @dataclass(frozen=True)
