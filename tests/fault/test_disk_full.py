@@ -385,14 +385,14 @@ def test_the_sidecar_fails_a_successful_command_that_acked_after_the_daemon_stop
 
 
 def test_a_follower_stopped_with_a_part_it_could_not_store_exits_6(
-    tmp_path: Path, tmpfs: Mount, shm_root: Path
+    tmp_path: Path, tmpfs: Mount, shm_root: Path, daemons: Callable[..., Daemon]
 ) -> None:
     """The exit-6 promise holds on every node: a follower whose rank part does not fit the store
     keeps it, says so, and stops with 6 (a follower with nothing left stops with 0)."""
     store = tmpfs("store", "1M") / "checkpoints"
     run = tmp_path / "run"
     run.mkdir()
-    leader = Daemon(run, ["--store", str(store), "--role", "leader", "--node-id", "a"]).wait_alive()
+    leader = daemons(run, "--store", str(store), "--role", "leader", "--node-id", "a")
     follower_shm = tmp_path / "shm-b"
     follower_shm.mkdir(mode=0o700)
     node_b = RunPaths(run).node("b")
