@@ -201,6 +201,19 @@ def capture_best(run: Path, step: int, loss: float, mib: int) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def three_bests(run: Path, mib: int) -> None:
+    """A trainer logs bests at 10, 20 and 30, captures each (``mib`` MiB) and exits."""
+    evals = [{"step": s, "eval_loss": loss} for s, loss in ((10, 0.9), (20, 0.8), (30, 0.7))]
+    program = str(PROGRAMS / "scripted_trainer.py")
+    trainer = subprocess.run(
+        [sys.executable, program, str(run), json.dumps(evals), "--mb", str(mib)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert trainer.returncode == 0 and json.loads(trainer.stdout) == [10, 20, 30], trainer.stderr
+
+
 def used_inodes(point: Path) -> int:
     info = os.statvfs(point)
     return info.f_files - info.f_ffree
@@ -254,14 +267,7 @@ def test_short_of_room_it_prunes_what_retention_drops_anyway_then_writes(
     run.mkdir()
     store = Store(disk / "checkpoints")
     daemon = daemons(run, "--store", str(store.root), "--keep-last", "2")
-    evals = [{"step": s, "eval_loss": loss} for s, loss in ((10, 0.9), (20, 0.8), (30, 0.7))]
-    trainer = subprocess.run(
-        [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run), json.dumps(evals), "--mb", "4"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert trainer.returncode == 0 and json.loads(trainer.stdout) == [10, 20, 30], trainer.stderr
+    three_bests(run, mib=4)
     wait_for(lambda: not pending_ack_paths(RunPaths(run)), timeout=30, what=f"every persist:\n{daemon.log()}")
     assert [r.step for r in store.list()] == [20, 30], daemon.log()
     assert all(store.verify(r.name) == [] for r in store.list())
@@ -343,14 +349,7 @@ def test_nothing_is_pruned_early_when_pruning_cannot_make_room(
     run.mkdir()
     store = Store(disk / "checkpoints")
     daemon = daemons(run, "--store", str(store.root), "--keep-last", "2")
-    evals = [{"step": s, "eval_loss": loss} for s, loss in ((10, 0.9), (20, 0.8), (30, 0.7))]
-    trainer = subprocess.run(
-        [sys.executable, str(PROGRAMS / "scripted_trainer.py"), str(run), json.dumps(evals), "--mb", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert trainer.returncode == 0 and json.loads(trainer.stdout) == [10, 20, 30], trainer.stderr
+    three_bests(run, mib=1)
     wait_for(lambda: [r.step for r in store.list()] == [20, 30], timeout=30, what=f"rotated:\n{daemon.log()}")
     capture_best(run, 40, 0.1, 12)  # needs 13 MiB: more than the 10 MiB disk holds when empty
     wait_for(lambda: status(run).get("unpersisted"), what=f"the failure reported:\n{daemon.log()}")
