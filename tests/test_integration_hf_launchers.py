@@ -134,6 +134,7 @@ dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=int(sy
 state = TrainerState()
 state.is_world_process_zero = True  # what transformers says when it does not see the group
 print(json.dumps(_acts(state)))
+dist.barrier()  # the peer may still be connecting its side of the mesh: leave only together
 dist.destroy_process_group()
 """
 
