@@ -29,6 +29,7 @@ from ckptd.errors import CkptdError, ConfigError, DaemonAlreadyRunning, StoreErr
 from ckptd.logs.detect import FORMATS
 from ckptd.notify import Notifier
 from ckptd.protocol import (
+    EXIT_UNPERSISTED,
     NODE_ENV,
     NODE_RANK_VARIABLES,
     ROLES,
@@ -50,7 +51,6 @@ from ckptd.store import MANIFEST, Store
 from ckptd.text import printable
 
 EXIT_OK, EXIT_EMPTY, EXIT_USAGE, EXIT_RUNNING, EXIT_STORE, EXIT_CORRUPT = 0, 1, 2, 3, 4, 5
-EXIT_UNPERSISTED = 6  # ckptd.daemon.run.EXIT_UNPERSISTED (not imported here: the daemon loads late)
 _MODES = ("min", "max")
 
 log = logging.getLogger("ckptd.cli")

@@ -193,6 +193,10 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
+# `ckptd run` (leader or follower) stopped with acknowledged captures not persisted; `ckptd
+# sidecar` passes it on when its command succeeded (README, `--help` of both).
+EXIT_UNPERSISTED = 6
+
 _JSON_MAX_BYTES = 16 << 20  # control, acks, client.json: KiBs
 
 
@@ -528,36 +532,34 @@ def flock_held(path: Path) -> bool | None:
     the lock (taking it, even for a moment, could make a starting daemon or client think another
     one serves the run). False when there is no such file; None when it cannot be told (no
     ``/proc/locks``, the file not ours to stat)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return None
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as handle:
-            table = handle.read()
-    except OSError:
-        return None
-    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    return any(line.split()[5:6] == [device] for line in table.splitlines() if "FLOCK" in line)
+    holders = _flock_holders(path)
+    return None if holders is None else bool(holders)
 
 
 def flock_holder(path: Path) -> int | None:
     """The pid holding an flock on ``path``, from ``/proc/locks``; None when none does or it
     cannot be told (no ``/proc/locks``, a holder outside this PID namespace shows as 0)."""
+    return next((int(pid) for pid in _flock_holders(path) or () if pid.isdigit() and int(pid)), None)
+
+
+def _flock_holders(path: Path) -> list[str] | None:
+    """The pid fields of ``/proc/locks``' FLOCK lines on ``path`` (a waiter's line has "->");
+    [] when there is no such file, None when it cannot be told."""
     try:
         info = os.stat(path)
         with open("/proc/locks", encoding="ascii", errors="replace") as handle:
             table = handle.read()
+    except FileNotFoundError as exc:
+        return [] if exc.filename == str(path) else None
     except OSError:
         return None
     device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    holders = []
     for line in table.splitlines():
-        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <dev:ino> 0 EOF"; waiters have "->"
-        if fields[1:2] == ["FLOCK"] and fields[5:6] == [device] and fields[4].isdigit() and int(fields[4]):
-            return int(fields[4])
-    return None
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <dev:ino> 0 EOF"
+        if fields[1:2] == ["FLOCK"] and fields[5:6] == [device]:
+            holders.append(fields[4])
+    return holders
 
 
 def heartbeat_age(paths: RunPaths, now: float | None = None) -> float | None:

@@ -37,7 +37,7 @@ from types import FrameType
 import psutil
 
 from ckptd.errors import ProtocolError
-from ckptd.protocol import RunPaths, daemon_alive, pending_ack_paths, read_ack
+from ckptd.protocol import EXIT_UNPERSISTED, RunPaths, daemon_alive, pending_ack_paths, read_ack
 
 _PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 _PR_SET_CHILD_SUBREAPER = 36
@@ -146,8 +146,6 @@ class Sidecar:
     def _final_status(self, status: int, how: str) -> int:
         """The command's status, unless it succeeded and captures it acknowledged are not on
         disk: then ``EXIT_UNPERSISTED``, said in the last line, where the user looks."""
-        from ckptd.daemon.run import EXIT_UNPERSISTED  # late: the daemon's modules load only now
-
         steps = self._unpersisted(EXIT_UNPERSISTED)
         if steps is None:
             return status

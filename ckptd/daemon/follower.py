@@ -21,9 +21,9 @@ from filelock import FileLock, Timeout
 
 from ckptd import __version__, sweep
 from ckptd.daemon.persister import Job, SlotLost, store_part
-from ckptd.daemon.run import EXIT_UNPERSISTED
 from ckptd.errors import ConfigError, DaemonAlreadyRunning, ProtocolError
 from ckptd.protocol import (
+    EXIT_UNPERSISTED,
     PROTOCOL_VERSION,
     NodePaths,
     RunPaths,

@@ -45,6 +45,7 @@ from ckptd.logs import ChangeWatcher, EventSource, open_source
 from ckptd.notify import Notifier
 from ckptd.policy import best_plus_last, judge
 from ckptd.protocol import (
+    EXIT_UNPERSISTED,
     PROTOCOL_VERSION,
     Ack,
     Control,
@@ -78,7 +79,6 @@ _YOUNG_S = 3.0  # an unreadable ack younger than this may still be being written
 _STORE_COUNT_EVERY_S = 10.0
 _MAX_TAGS = 8  # a standing verdict takes no more request tags: a flood of requests is one capture
 _UNSEEN_AFTER_EVALS = 5  # evals of other watched metrics before warning that one never appeared
-EXIT_UNPERSISTED = 6  # stopped with acknowledged captures not persisted (README, `ckptd run --help`)
 _PERSIST_ERRORS = ("persisting step", "the best at step")  # how _on_persisted's errors begin
 
 
