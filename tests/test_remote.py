@@ -180,6 +180,8 @@ def test_the_daemon_mirrors_commits_with_its_own_remote_retention(
     wait_for(lambda: remote_report(run).get("uploaded") == 6 and not remote_report(run).get("pending"),
              timeout=60, what=daemon.log())  # fmt: skip
     remote = RemoteStore(url)
+    # The remote is rotated after the last upload is counted: wait for it, then check exactly.
+    wait_for(lambda: [r.step for r in remote.list()] == [200, 400, 500, 600], what=daemon.log())
     kept = [r.step for r in remote.list()]
     assert kept == [200, 400, 500, 600], daemon.log()  # the bests and the last 3
     local = Store(run / "checkpoints")
